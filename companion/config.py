@@ -11,7 +11,8 @@ environment look-ups. Each setting can be changed with one environment variable:
 | ``COURSE_THREADS``| all cores        | torch CPU threads                                      |
 | ``COURSE_CACHE``  | user cache dir   | converted models, extracted data, self-sampled caches   |
 
-``CI=true`` turns fast mode on as well, so that CI never runs full-size notebooks.
+When ``COURSE_FAST`` is unset, ``CI=true`` turns fast mode on, so that CI never runs
+full-size notebooks; an explicit ``COURSE_FAST=0`` wins over ``CI``.
 """
 
 from __future__ import annotations
@@ -81,9 +82,10 @@ def get_settings() -> Settings:
     except ValueError:
         raise ValueError(f"COURSE_THREADS must be an integer, got {threads_text!r}") from None
     cache = os.environ.get("COURSE_CACHE")
+    fast_text = os.environ.get("COURSE_FAST", "")
     return Settings(
         model=os.environ.get("COURSE_MODEL", "").strip() or DEFAULT_MODEL,
-        fast=_truthy(os.environ.get("COURSE_FAST")) or _truthy(os.environ.get("CI")),
+        fast=_truthy(fast_text) if fast_text.strip() else _truthy(os.environ.get("CI")),
         seed=seed,
         threads=max(1, threads),
         cache_dir=Path(cache).expanduser() if cache else _default_cache_dir(),

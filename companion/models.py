@@ -24,6 +24,7 @@ import json
 import shutil
 import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,9 +143,24 @@ def _load_smollm2():
     target = smollm2_cache_dir()
     if not (target / "model.safetensors").exists():
         convert_smollm2(target)
-    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+    with _quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(target)
     return model, tokenizer
+
+
+@contextmanager
+def _quiet_loading():
+    """Hide transformers' per-tensor "Loading weights" bar: a one-second load needs none."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def convert_smollm2(target: Path | None = None) -> float:
@@ -177,25 +193,40 @@ def convert_smollm2(target: Path | None = None) -> float:
 
 
 def _load_pretrained(name: str):
+    folder = Path(name).expanduser()
+    if folder.is_dir() and not (folder / "config.json").exists():
+        raise ModelNotAvailableError(
+            f"{name!r} is a folder but not a saved model (no config.json); "
+            "point to a folder written by save_pretrained"
+        )
+    # Try the local files (a folder or the Hugging Face cache) first: offline, a Hub
+    # download would otherwise spend a long time retrying before it fails.
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+        return _from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError):
+        if folder.exists():
+            raise
+    if not hub_reachable():
+        raise ModelNotAvailableError(
+            f"model {name!r} is not cached and the Hub is not reachable; "
+            f"set COURSE_MODEL={DEFAULT_MODEL} (the embedded default) or connect once "
+            "to download it"
+        ) from None
+    try:
+        return _from_pretrained(name, local_files_only=False)
     except OSError as error:
-        if Path(name).expanduser().exists():
-            raise ModelNotAvailableError(
-                f"{name!r} is a folder but not a saved model ({error}); "
-                "point to a folder written by save_pretrained"
-            ) from None
-        if not hub_reachable():
-            raise ModelNotAvailableError(
-                f"model {name!r} is not cached and the Hub is not reachable; "
-                f"set COURSE_MODEL={DEFAULT_MODEL} (the embedded default) or connect once "
-                "to download it"
-            ) from None
         raise ModelNotAvailableError(
             f"could not load {name!r} from the Hub ({error}); check the id, "
             f"or use COURSE_MODEL={DEFAULT_MODEL}"
         ) from None
+
+
+def _from_pretrained(name: str, local_files_only: bool):
+    tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_files_only)
+    with _quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=torch.float32, local_files_only=local_files_only
+        )
     return model, tokenizer
 
 
@@ -266,3 +297,25 @@ def parameter_count(model: torch.nn.Module, trainable_only: bool = False) -> int
         seen.add(id(parameter))
         total += parameter.numel()
     return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m companion.models prepare|list``: convert the default model once, or list names."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m companion.models")
+    parser.add_argument("command", choices=["prepare", "list"])
+    args = parser.parse_args(argv)
+    if args.command == "list":
+        for name, what in KNOWN_MODELS.items():
+            print(f"{name:14s} {what}")
+        return 0
+    if (smollm2_cache_dir() / "model.safetensors").exists():
+        print(f"smollm2-135m: already converted in {smollm2_cache_dir()}")
+    else:
+        print(f"smollm2-135m: converted in {convert_smollm2():.0f} s to {smollm2_cache_dir()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,108 @@
+"""Executes the course notebooks end to end: ``python -m companion.course run [--fast]``.
+
+Each notebook runs in a fresh kernel of this Python (nbclient), in the notebooks folder,
+with ``COURSE_FAST`` set for the mode asked for. The executed notebook is written back in
+place (or to ``--output-dir``) with its run time, mode and model in its metadata under
+``course``, which ``benchmarks/notebook_times.py`` reads to build the README's table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from .config import REPO_ROOT, get_settings
+
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+
+
+def course_notebooks() -> list[Path]:
+    """The course's notebooks in reading order (``NN_name.ipynb``)."""
+    return sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+
+
+@contextmanager
+def _environment(**values: str):
+    old = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def execute_notebook(path: str | Path, *, fast: bool, output: str | Path | None = None,
+                     timeout: int = 3600) -> float:
+    """Run one notebook top to bottom; returns the seconds it took.
+
+    A failing cell stops the run with nbclient's ``CellExecutionError``, which names the
+    cell and shows its traceback; the partly executed notebook is still written, so the
+    failing output can be read.
+    """
+    import nbformat
+    from nbclient import NotebookClient
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; notebooks: {[p.name for p in course_notebooks()]}")
+    notebook = nbformat.read(path, as_version=4)
+    client = NotebookClient(
+        notebook, timeout=timeout, kernel_name="python3",
+        resources={"metadata": {"path": str(path.parent)}},
+    )
+    start = time.perf_counter()
+    # The kernel inherits this process's environment: that is how the mode reaches it.
+    with _environment(COURSE_FAST="1" if fast else "0"):
+        try:
+            client.execute()
+        finally:
+            seconds = time.perf_counter() - start
+            notebook.metadata["course"] = {
+                "mode": "fast" if fast else "full",
+                "seconds": round(seconds, 1),
+                "model": get_settings().model,
+                "threads": get_settings().threads,
+            }
+            nbformat.write(notebook, Path(output) if output else path)
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m companion.course", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="execute notebooks (all of them by default)")
+    run.add_argument("notebooks", nargs="*", type=Path, help="notebook files (default: all, in order)")
+    run.add_argument("--fast", action="store_true", help="fast mode: small sizes (as the tests use)")
+    run.add_argument("--output-dir", type=Path, default=None,
+                     help="write executed notebooks here instead of in place")
+    sub.add_parser("list", help="list the notebooks in order")
+    args = parser.parse_args(argv)
+
+    if args.command == "list":
+        for path in course_notebooks():
+            print(path.relative_to(REPO_ROOT))
+        return 0
+    paths = args.notebooks or course_notebooks()
+    if args.output_dir:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+    mode = "fast" if args.fast else "full"
+    print(f"running {len(paths)} notebook(s) in {mode} mode on {get_settings().model}")
+    for path in paths:
+        output = args.output_dir / Path(path).name if args.output_dir else None
+        print(f"- {path} ...", end=" ", flush=True)
+        seconds = execute_notebook(path, fast=args.fast, output=output)
+        print(f"{seconds / 60:.1f} min")
+    print("figures: outputs/figures/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+import torch
+
+from companion.config import get_settings, seed_everything
+
+
+def test_defaults_and_overrides(monkeypatch):
+    for name in ["COURSE_MODEL", "COURSE_FAST", "COURSE_SEED", "COURSE_THREADS", "CI"]:
+        monkeypatch.delenv(name, raising=False)
+    settings = get_settings()
+    assert settings.model == "smollm2-135m"
+    assert settings.fast is False and settings.size(full=100, fast=5) == 100
+    monkeypatch.setenv("COURSE_FAST", "1")
+    monkeypatch.setenv("COURSE_MODEL", "tiny-opt")
+    settings = get_settings()
+    assert settings.fast is True and settings.size(full=100, fast=5) == 5
+    assert settings.model == "tiny-opt"
+
+
+def test_ci_turns_fast_mode_on_unless_told_otherwise(monkeypatch):
+    monkeypatch.delenv("COURSE_FAST", raising=False)
+    monkeypatch.setenv("CI", "true")
+    assert get_settings().fast is True
+    monkeypatch.setenv("COURSE_FAST", "0")
+    assert get_settings().fast is False
+
+
+def test_bad_numbers_are_named(monkeypatch):
+    monkeypatch.setenv("COURSE_SEED", "abc")
+    try:
+        get_settings()
+    except ValueError as error:
+        assert "COURSE_SEED" in str(error)
+    else:
+        raise AssertionError("a non-integer seed was accepted")
+
+
+def test_same_seed_same_numbers():
+    seed_everything(7)
+    first = torch.randn(5)
+    seed_everything(7)
+    assert torch.equal(first, torch.randn(5))
+    seed_everything(8)
+    assert not torch.equal(first, torch.randn(5))
