@@ -1,0 +1,173 @@
+"""Long prompts, run configs and the resumable batch runner of chapter 4."""
+
+import json
+
+import matplotlib
+import pytest
+import torch
+
+import companion.kv as kv
+from companion.config import REPO_ROOT, seed_everything
+from companion.kv import (
+    KVConfigError, book_prompts, load_run_config, load_run_configs, mmlu_prompts, plot_fidelity,
+    read_results, run_config_from_dict, run_configs,
+)
+from companion.models import gpt2_tokenizer
+
+matplotlib.use("Agg")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _settings():
+    seed_everything()  # the course's seed and COURSE_THREADS
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return gpt2_tokenizer()
+
+
+def _mc_row(i, subject):
+    return {"id": str(i), "question": f"Question {i} about {subject}: which option is right?",
+            "choices": ["alpha", "beta", "gamma", "delta"], "label": i % 4, "subject": subject}
+
+
+def test_book_prompts_are_exact_length_passages(tokenizer):
+    rows = [{"id": "a", "title": "A", "text": "HEADER\n" + "To be or not to be, that is the question.\n" * 60},
+            {"id": "b", "title": "B", "text": "too short"},
+            {"id": "c", "title": "C", "text": "CAST\n" + "Friends, Romans, countrymen, lend me your ears.\n" * 60}]
+    prompts = book_prompts(tokenizer, 2, 48, rows=rows)
+    assert [len(p) for p in prompts] == [48, 48]
+    assert tokenizer.decode(prompts[1]).startswith("Friends, Romans")  # starts at a line
+    with pytest.raises(ValueError, match="only 2 of the texts have 48 tokens"):
+        book_prompts(tokenizer, 3, 48, rows=rows)
+
+
+def test_mmlu_prompts_are_many_shot_and_end_with_a_question(tokenizer):
+    rows = [_mc_row(i, "anatomy") for i in range(30)] + [_mc_row(i, "law") for i in range(30, 40)]
+    prompts = mmlu_prompts(tokenizer, 2, 120, rows=rows)
+    assert [len(p) for p in prompts] == [120, 120]
+    text = tokenizer.decode(prompts[0])
+    assert text.startswith("The following are multiple choice questions (with answers) about anatomy.")
+    assert text.endswith("D. delta\nAnswer:") and text.count("Answer:") > 3
+    with pytest.raises(ValueError, match="only 0 subjects have enough questions"):
+        mmlu_prompts(tokenizer, 1, 2000, rows=rows)
+
+
+def test_course_configs_load_and_cover_every_method():
+    configs = load_run_configs(REPO_ROOT / "configs" / "kv")
+    assert {c.method for c in configs} == set(kv.available_methods())
+    assert all(c.model == "smollm2-135m" and c.name.startswith("smollm2-135m-") for c in configs)
+    retargeted = load_run_configs(REPO_ROOT / "configs" / "kv", model="tiny-llama")
+    assert [c.label for c in retargeted] == [c.label for c in configs]
+    assert all(c.model == "tiny-llama" and c.name == f"tiny-llama-{c.label}" for c in retargeted)
+
+
+@pytest.mark.parametrize(
+    "data, name, message",
+    [
+        ({"model": "m", "method": "h2o", "budgetz": [0.5]}, "m-h2o", r"unknown key 'budgetz'; allowed: model"),
+        ({"method": "h2o"}, "m-h2o", r"missing required key 'model'"),
+        ({"model": "m", "method": "h2o"}, "m-snapkv", r"file name must be m-h2o.json"),
+        ({"model": "m", "method": "quantize", "budgets": [0.5]}, "m-quantize", r"takes no budget; remove 'budgets'"),
+        ({"model": "m", "method": "h2o", "budgets": [0.5, 2]}, "m-h2o", r"'budget' must be a number in \(0, 1\]"),
+        ({"model": "m", "method": "h2o", "method_config": {"budget": 0.5}}, "m-h2o", r"in the 'budgets' list"),
+        ({"model": "m", "method": "h2o", "dtype": "float16"}, "m-h2o", r"dtype must be one of float32"),
+        ({"model": "m", "method": "h2o", "max_length": "512"}, "m-h2o", r"'max_length' must be an integer, got '512'"),
+        ({"model": "m", "method": "h2o", "prompts": "wiki"}, "m-h2o", r"prompts must be one of books"),
+        ({"model": "m", "method": "nope"}, "m-nope", r"unknown method 'nope'"),
+        ([1, 2], "m-h2o", r"expected a JSON object"),
+    ],
+)
+def test_run_config_errors_are_clear(data, name, message):
+    with pytest.raises(KVConfigError, match=message):
+        run_config_from_dict(data, name)
+
+
+def test_config_files_errors(tmp_path):
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(KVConfigError, match="broken.json: not valid JSON"):
+        load_run_config(tmp_path / "broken.json")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no \\*.json run configs"):
+        load_run_configs(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_run_config(tmp_path / "missing.json")
+
+
+def _write(folder, label, **data):
+    (folder / f"tiny-llama-{label}.json").write_text(json.dumps(
+        {"model": "tiny-llama", "max_length": 64, "new_tokens": 4, "num_prompts": 2, "prompts": "mixed", **data}
+    ))
+
+
+def test_runner_writes_results_and_resumes(tmp_path, monkeypatch):
+    configs_dir, results = tmp_path / "configs", tmp_path / "results"
+    configs_dir.mkdir()
+    _write(configs_dir, "full", method="full")
+    _write(configs_dir, "h2o", method="h2o", budgets=[0.25, 0.5])
+    _write(configs_dir, "quantize-4bit", method="quantize", method_config={"bits": 4, "group_size": 16})
+    configs = load_run_configs(configs_dir)
+    rows = run_configs(configs, results, progress=False)
+    assert [(r["label"], r["budget"]) for r in rows] == [("full", None), ("h2o", 0.25), ("h2o", 0.5), ("quantize-4bit", None)]
+    assert rows[0]["top1"] == 1.0 and rows[0]["kl"] == 0.0
+    assert rows[1]["cache_fraction"] == pytest.approx(16 / 63) and rows[3]["cache_fraction"] == pytest.approx(6 / 32)
+    assert all(r["tokens"] == 8 and r["prompt_tokens"] == 64 for r in rows)
+    assert len(read_results(results)) == 4
+    assert (results / "results.csv").read_text().count("\n") == 5
+
+    # a second run does nothing new: no model is loaded, no method evaluated
+    monkeypatch.setattr(kv, "evaluate", lambda *a, **k: pytest.fail("a finished run was run again"))
+    monkeypatch.setattr(kv, "prepare_prompts", lambda *a, **k: pytest.fail("prompts were prepared again"))
+    assert run_configs(configs, results, progress=False) == rows
+    assert len(read_results(results)) == 4
+
+
+def test_runner_resumes_after_an_interruption(tmp_path, monkeypatch):
+    configs_dir, results = tmp_path / "configs", tmp_path / "results"
+    configs_dir.mkdir()
+    _write(configs_dir, "random", method="random", budgets=[0.25, 0.5, 0.75], prompts="mmlu")
+    configs = load_run_configs(configs_dir)
+    real_evaluate, calls = kv.evaluate, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(args[2].budget)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(kv, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_configs(configs, results, progress=False)
+    assert [r["budget"] for r in read_results(results)] == [0.25]
+    monkeypatch.setattr(kv, "evaluate", lambda *a, **k: calls.append(a[2].budget) or real_evaluate(*a, **k))
+    rows = run_configs(configs, results, progress=False)
+    assert calls == [0.25, 0.5, 0.5, 0.75] and [r["budget"] for r in rows] == [0.25, 0.5, 0.75]
+
+
+def test_runner_refuses_a_model_for_several_configs(tmp_path):
+    configs = [run_config_from_dict({"model": "a", "method": "full"}, "a-full"),
+               run_config_from_dict({"model": "b", "method": "full"}, "b-full")]
+    with pytest.raises(KVConfigError, match="configs name several models"):
+        run_configs(configs, tmp_path, model=object(), tokenizer=object())
+
+
+def test_command_line_and_plot(tmp_path, capsys):
+    configs_dir = tmp_path / "configs"
+    configs_dir.mkdir()
+    _write(configs_dir, "snapkv", method="snapkv", method_config={"window": 4}, budgets=[0.5], prompts="books")
+    assert kv.main(["run", str(configs_dir), "--results", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "snapkv" in out and "0.50" in out and (tmp_path / "out" / "fidelity.png").exists()
+    fig = plot_fidelity(read_results(tmp_path / "out"), x="cache_fraction")
+    assert len(fig.axes) == 3 and fig.axes[0].get_lines()
+    assert kv.main(["methods"]) == 0 and "snapkv: {'budget': 0.5" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="x must be"):
+        plot_fidelity([], x="tokens")
+
+
+def test_prompts_from_the_offline_data_are_exact(tokenizer):
+    prompts = kv.long_prompts(tokenizer, 3, 64, "mixed")
+    assert [len(p) for p in prompts] == [64, 64, 64] and all(p.dtype == torch.long for p in prompts)
+    with pytest.raises(KVConfigError, match="unknown prompt source 'wiki'"):
+        kv.long_prompts(tokenizer, 1, 64, "wiki")
