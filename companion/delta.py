@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import random
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -43,7 +44,7 @@ from peft import (
     get_peft_model,
 )
 from tqdm.auto import tqdm
-from transformers import DataCollatorForSeq2Seq
+from transformers import DataCollatorForSeq2Seq, StoppingCriteria, StoppingCriteriaList
 
 from . import arch
 from .config import get_settings, seed_everything
@@ -220,6 +221,25 @@ def training_tokens(tokenizer, pairs: Sequence[tuple[str, str]], *, num_steps: i
 # --- generation and evaluation ----------------------------------------------------------------
 
 
+class FirstLineDone(StoppingCriteria):
+    """Stops a row once its continuation holds a non-empty line followed by a newline.
+
+    (transformers' ``stop_strings=["\\n"]`` would also stop on a leading newline, before
+    any answer; models often start their answer on a new line.)
+    """
+
+    def __init__(self, tokenizer, prompt_length: int):
+        self.tokenizer = tokenizer
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
+        return torch.tensor([bool(_FINISHED_LINE.search(text)) for text in texts], device=input_ids.device)
+
+
+_FINISHED_LINE = re.compile(r"\S[^\n]*\n")
+
+
 @torch.no_grad()
 def generate_answers(
     model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 16, batch_size: int = 16,
@@ -241,9 +261,7 @@ def generate_answers(
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
-                # stop as soon as every row has finished its first line
-                stop_strings=["\n"],
-                tokenizer=tokenizer,
+                stopping_criteria=StoppingCriteriaList([FirstLineDone(tokenizer, inputs["input_ids"].shape[1])]),
             )
             new_tokens = output[:, inputs["input_ids"].shape[1] :]
             texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
@@ -294,6 +312,66 @@ def interactive(
         write(f"answer: {ask(model, tokenizer, question, template=template)}")
         answered += 1
     return answered
+
+
+# --- one method end to end ----------------------------------------------------------------------
+
+# Learning rates that work for a few dozen steps on the course's models (measured on
+# short_qa with SmolLM2-135M): soft prompts and scaling vectors need larger steps than LoRA.
+SUGGESTED_LR = {"lora": 2e-3, "prompt_tuning": 3e-2, "prefix_tuning": 1e-2, "ia3": 1e-2}
+
+
+def tune_and_evaluate(
+    method: str,
+    pairs: Sequence[tuple[str, str]],
+    eval_rows: Sequence[Mapping],
+    *,
+    num_steps: int,
+    batch_size: int,
+    max_length: int,
+    lr: float | None = None,
+    save_dir: str | Path | None = None,
+    model_name: str | None = None,
+    template: str = DEFAULT_TEMPLATE,
+    max_new_tokens: int = 16,
+    knobs: Mapping | None = None,
+) -> dict:
+    """Fresh backbone -> attach ``method`` -> train -> save -> evaluate; returns a record.
+
+    The record holds: method, trainable (parameters), losses, train_seconds,
+    tokens_per_second, checkpoint_bytes, backbone_bytes, em, f1, predictions, and the
+    trained ``model`` and ``tokenizer``. ``lr`` defaults to ``SUGGESTED_LR[method]``.
+    """
+    from .models import load_lm
+
+    if method not in METHODS:
+        raise ValueError(f"unknown delta method {method!r}; known: {', '.join(METHODS)}")
+    lr = SUGGESTED_LR[method] if lr is None else lr
+    seed_everything()
+    base, tokenizer = load_lm(model_name)
+    model = attach(base, method, **dict(knobs or {}))
+    start = time.perf_counter()
+    losses = train(model, tokenizer, pairs, num_steps=num_steps, lr=lr, batch_size=batch_size,
+                   max_length=max_length, desc=method)
+    seconds = time.perf_counter() - start
+    tokens = training_tokens(tokenizer, pairs, num_steps=num_steps, batch_size=batch_size, max_length=max_length)
+    record = {
+        "method": method,
+        "trainable": trainable_parameters(model),
+        "losses": losses,
+        "train_seconds": seconds,
+        "tokens_per_second": tokens / seconds,
+        "backbone_bytes": backbone_bytes(model),
+    }
+    if save_dir is not None:
+        path = save_delta(model, Path(save_dir) / method, template=template)
+        record["checkpoint_bytes"] = checkpoint_bytes(path)
+        record["path"] = path
+    scores = evaluate_qa(model, tokenizer, eval_rows, template=template, max_new_tokens=max_new_tokens,
+                         desc=f"{method} eval")
+    record.update(em=scores["em"], f1=scores["f1"], predictions=scores["predictions"],
+                  eval_seconds=scores["seconds"], model=model, tokenizer=tokenizer)
+    return record
 
 
 # --- save and load ----------------------------------------------------------------------------
