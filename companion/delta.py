@@ -21,6 +21,7 @@ Command line, like the original tutorial's ``--mode interactive_inference``::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -28,6 +29,7 @@ import random
 import re
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -112,7 +114,16 @@ def attach(model, method: str = "lora", **knobs) -> PeftModel:
     their layers into it); load a fresh backbone to compare with the untouched model.
     """
     config = peft_config(method, model, **knobs)
-    return get_peft_model(model, config)
+    with _quiet_peft():
+        return get_peft_model(model, config)
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    with warnings.catch_warnings():
+        # peft asks transformers a deprecated question; nothing the reader can act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def trainable_parameters(model) -> int:
@@ -255,14 +266,17 @@ def generate_answers(
         for start in tqdm(starts, desc=desc or "generate", disable=len(starts) < 2):
             chunk = list(prompts[start : start + batch_size])
             inputs = tokenizer(chunk, return_tensors="pt", padding=True)
-            output = model.generate(
-                input_ids=inputs["input_ids"],
-                attention_mask=inputs["attention_mask"],
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                stopping_criteria=StoppingCriteriaList([FirstLineDone(tokenizer, inputs["input_ids"].shape[1])]),
-            )
+            with warnings.catch_warnings():
+                # soft-prompt models ignore the position ids generate() makes; harmless
+                warnings.filterwarnings("ignore", message="Position ids are not supported")
+                output = model.generate(
+                    input_ids=inputs["input_ids"],
+                    attention_mask=inputs["attention_mask"],
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                    stopping_criteria=StoppingCriteriaList([FirstLineDone(tokenizer, inputs["input_ids"].shape[1])]),
+                )
             new_tokens = output[:, inputs["input_ids"].shape[1] :]
             texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             answers.extend(extract_answer(text) for text in texts)
@@ -457,7 +471,8 @@ def load_delta(path: str | Path, base_model=None) -> PeftModel:
             f"{found['name']!r} ({'; '.join(differences)}); load it onto the backbone it was "
             "trained on (load_delta(path) loads that one for you)"
         )
-    model = PeftModel.from_pretrained(base_model, str(path))
+    with _quiet_peft():
+        model = PeftModel.from_pretrained(base_model, str(path))
     model.eval()
     return model
 

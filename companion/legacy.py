@@ -11,7 +11,8 @@ changed). This module patches exactly those places, each patch:
 
 Use ``openprompt_module(name)`` / ``opendelta_module(name)`` instead of importing the
 libraries directly: they apply the patches first. ``plm_for(model, tokenizer)`` returns
-what OpenPrompt's ``load_plm`` returns, for causal LMs it has no entry for (Llama).
+what OpenPrompt's ``load_plm`` returns, through ``load_plm`` itself for the families it
+knows (OPT) and assembled for causal LMs it has no entry for (Llama).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import dis
 import importlib
 import importlib.util
 import inspect
+import logging
 import sys
 import types
 from pathlib import Path
@@ -385,17 +387,47 @@ def opendelta_module(name: str = "opendelta") -> types.ModuleType:
     return importlib.import_module(name)
 
 
-def plm_for(model, tokenizer):
-    """What ``openprompt.plms.load_plm`` returns, for an already loaded causal LM.
+# model_type -> the key openprompt's load_plm table uses for that family
+_LOAD_PLM_FAMILIES = {"opt": "opt", "gpt2": "gpt2"}
 
-    ``load_plm`` only knows the families in its table (bert, roberta, albert, gpt, gpt2,
-    t5, opt); every causal LM is used through the same ``LMTokenizerWrapper``, so for
-    another family (SmolLM2 is a Llama) the four objects are simply assembled here.
+
+def plm_for(model, tokenizer, folder: str | Path | None = None):
+    """What ``openprompt.plms.load_plm`` returns (plm, tokenizer, config, wrapper class).
+
+    For a family ``load_plm`` knows (OPT, GPT-2) the model is saved to ``folder`` (default:
+    the course cache) and loaded back with ``load_plm`` itself, exactly as the tutorial
+    did; note that this returns new objects. For other causal LMs (SmolLM2 is a Llama,
+    which ``load_plm``'s table lacks) the four objects are assembled from the loaded model:
+    every causal LM goes through the same ``LMTokenizerWrapper``.
     """
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        raise ValueError("plm_for is for decoder-only causal LMs; use load_plm for T5")
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        raise ValueError("plm_for is for decoder-only transformers causal LMs")
     plms = openprompt_module("openprompt.plms")
-    return model, patch_tokenizer(tokenizer), model.config, plms.LMTokenizerWrapper
+    family = _LOAD_PLM_FAMILIES.get(config.model_type)
+    if family is not None:
+        if folder is None:
+            from .config import cache_path
+
+            name = Path(str(config.name_or_path or family)).name or family
+            folder = cache_path("openprompt_plms", name)
+        save_for_load_plm(model, tokenizer, folder)
+        plm, loaded_tokenizer, plm_config, wrapper = plms.load_plm(family, str(folder))
+        plm.eval()
+        return plm, patch_tokenizer(loaded_tokenizer), plm_config, wrapper
+    return model, patch_tokenizer(tokenizer), config, plms.LMTokenizerWrapper
+
+
+def quiet_logs(level: int = logging.ERROR) -> None:
+    """Silence OpenDelta's chatter (it logs every config it builds at INFO level).
+
+    Its loggers are per module, each with its own level set at import, so setting the
+    parent "opendelta" logger is not enough: every one of them is set here.
+    """
+    opendelta_module()
+    for name in list(logging.root.manager.loggerDict):
+        if name == "opendelta" or name.startswith("opendelta."):
+            logging.getLogger(name).setLevel(level)
 
 
 def save_for_load_plm(model, tokenizer, folder: str | Path) -> Path:

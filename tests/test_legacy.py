@@ -27,8 +27,8 @@ from opendelta import AutoDeltaConfig, AutoDeltaModel  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _quiet_opendelta():
-    # OpenDelta logs every config it builds at INFO level
-    logging.getLogger("opendelta").setLevel(logging.WARNING)
+    legacy.quiet_logs()
+    assert logging.getLogger("opendelta.delta_configs").level == logging.ERROR
 
 
 def _plm(name, tmp_path):
@@ -174,6 +174,20 @@ def test_prompt_for_classification_with_manual_verbalizer_learns(name, tmp_path)
     result = prompting.train_prompt_model(model, loader, num_steps=24, lr=3e-2)
     assert sum(result["losses"][-3:]) / 3 < result["losses"][0] - 0.3
     assert prompting.classify_accuracy(model, loader) == 1.0
+
+
+def test_plm_for_uses_load_plm_for_opt_and_assembles_llama(tmp_path):
+    model, tokenizer = load_lm("tiny-opt")
+    plm, plm_tokenizer, config, wrapper = legacy.plm_for(model, tokenizer, tmp_path / "saved")
+    assert plm is not model and (tmp_path / "saved" / "config.json").exists()  # went through load_plm
+    assert wrapper.__name__ == "LMTokenizerWrapper" and config.model_type == "opt"
+    inputs = tokenizer(["Question: Why?"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(plm(**inputs).logits, model(**inputs).logits)
+    llama, llama_tokenizer = load_lm("tiny-llama")
+    assert legacy.plm_for(llama, llama_tokenizer)[0] is llama
+    with pytest.raises(ValueError, match="decoder-only"):
+        legacy.plm_for(torch.nn.Linear(2, 2), tokenizer)
 
 
 def test_multi_token_label_words_are_refused():
