@@ -297,13 +297,28 @@ def _row(config: RunConfig, method: KVMethod, key: str, result: FidelityResult) 
     }
 
 
+def _check_states(states: list[PromptState], prompts: list[torch.Tensor], new_tokens: int) -> None:
+    """Prepared states must hold exactly the prompts (and continuation length) a config asks for."""
+    same = len(states) == len(prompts) and all(
+        torch.equal(state.prompt_ids, prompt) and len(state.continuation) == new_tokens
+        for state, prompt in zip(states, prompts)
+    )
+    if not same:
+        raise KVConfigError(
+            f"the prepared states are not this config's {len(prompts)} prompts of {len(prompts[0])} tokens "
+            f"+ {new_tokens}; prepare them from long_prompts(...) with the sizes of config.sizes()"
+        )
+
+
 def run_configs(configs: list[RunConfig], results_dir: str | Path | None = None,
-                model=None, tokenizer=None, progress: bool = True) -> list[dict]:
+                model=None, tokenizer=None, states: list[PromptState] | None = None,
+                progress: bool = True) -> list[dict]:
     """Run every (config, budget) not yet in ``results_dir/results.jsonl``; return the rows of
     these configs (old and new) in config order, and rewrite ``results.csv``.
 
     Runs sharing a model, dtype and prompts share one set of prepared prompts. Pass ``model``
-    and ``tokenizer`` to use an already loaded model (every config must then name the same model).
+    and ``tokenizer`` to use an already loaded model (every config must then name the same model),
+    and ``states`` to reuse prompts already prepared with it for these configs' sizes.
     """
     from .models import load_lm
 
@@ -311,6 +326,8 @@ def run_configs(configs: list[RunConfig], results_dir: str | Path | None = None,
     results_dir.mkdir(parents=True, exist_ok=True)
     if (model is None) != (tokenizer is None):
         raise KVConfigError("pass both model and tokenizer (or neither, to load each config's model)")
+    if states is not None and model is None:
+        raise KVConfigError("prepared states need the model they were prepared with: pass model and tokenizer")
     if model is not None and len({c.model for c in configs}) > 1:
         raise KVConfigError("a loaded model was passed but the configs name several models; "
                             "use load_run_configs(folder, model=NAME)")
@@ -332,10 +349,15 @@ def run_configs(configs: list[RunConfig], results_dir: str | Path | None = None,
             else:
                 lm, tok = load_lm(name)
                 lm = lm.to(DTYPES[dtype])
-            states = prepare_prompts(lm, long_prompts(tok, count, length, source), new_tokens, progress=progress)
+            prompts = long_prompts(tok, count, length, source)
+            if states is not None:
+                _check_states(states, prompts, new_tokens)
+                prepared = states
+            else:
+                prepared = prepare_prompts(lm, prompts, new_tokens, progress=progress)
             for config, method, key in items:
                 bar.set_postfix_str(f"{config.label} {getattr(method, 'budget', '')}")
-                row = _row(config, method, key, evaluate(lm, states, method))
+                row = _row(config, method, key, evaluate(lm, prepared, method))
                 out.write(json.dumps(row) + "\n")
                 out.flush()
                 done[key] = row
@@ -353,20 +375,25 @@ METRIC_TITLES = {"top1": "top-1 agreement", "top5": "top-5 agreement",
 
 
 def plot_fidelity(rows: list[dict], metrics=("top1", "top5", "kl"), x: str = "budget", path=None):
-    """One panel per metric; a line per budgeted method, a point per method without budget.
+    """One panel per metric; a line per budgeted method, a square per method without budget.
 
-    ``x="budget"`` plots against the kept fraction of the prompt cache; ``x="cache_fraction"``
-    against the cache bytes kept (where quantisation and eviction can be compared).
+    ``x="budget"`` plots against the kept fraction of the prompt's positions (methods without
+    a budget, ``full`` and ``quantize``, sit at the fraction of bytes they keep);
+    ``x="cache_fraction"`` against the cache bytes kept, where all methods compare. KL is on
+    a log scale, so zero values (``full``) are left out of that panel.
     """
     import matplotlib.pyplot as plt
 
     if x not in ("budget", "cache_fraction"):
         raise ValueError("x must be 'budget' or 'cache_fraction'")
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics) + 1.6, 3.6), squeeze=False)
     labels = list(dict.fromkeys(row["label"] for row in rows))
+    # One fixed colour per method in every panel: black for full, tab10/tab20 for the others.
+    palette = plt.get_cmap("tab10" if len(labels) <= 11 else "tab20").colors
+    others = iter(palette)
+    colours = {label: "black" if label == "full" else next(others) for label in labels}
     for ax, metric in zip(axes[0], metrics):
         for label in labels:
-            # Methods without a budget (full, quantize) sit at the fraction of bytes they keep.
             points = sorted(
                 (row["budget"] if x == "budget" and row["budget"] is not None else row["cache_fraction"],
                  row[metric])
@@ -377,15 +404,18 @@ def plot_fidelity(rows: list[dict], metrics=("top1", "top5", "kl"), x: str = "bu
             if not points:
                 continue
             xs, ys = zip(*points)
-            style = "-o" if len(points) > 1 else "s"
-            ax.plot(xs, ys, style, label=label, markersize=4)
+            line = len(set(xs)) > 1  # a method that saves no bytes is a column of dots, not a line
+            ax.plot(xs, ys, "-o" if line else ("o" if len(xs) > 1 else "s"), color=colours[label],
+                    label=label, markersize=4 if line or len(xs) > 1 else 6)
         ax.set_title(METRIC_TITLES.get(metric, metric))
-        ax.set_xlabel("fraction of prompt cache kept" if x == "budget" else "cache bytes kept (fraction)")
+        ax.set_xlabel("budget (fraction of prompt cache kept)" if x == "budget" else "cache bytes kept (fraction)")
         if metric == "kl":
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    handles = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend([handles[label] for label in labels if label in handles], [l for l in labels if l in handles],
+               loc="center right", fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - 1.5 / fig.get_figwidth(), 1))
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig

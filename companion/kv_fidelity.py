@@ -105,9 +105,19 @@ def prefill(model, prompt_ids: torch.Tensor) -> list[LayerKV]:
         raise NotImplementedError(
             "the KV harness supports full-attention models only (this model has sliding-window layers)"
         )
+    if len(captured) != len(cache.layers):
+        raise NotImplementedError(
+            f"{type(unwrap(model)).__name__} does not call transformers' AttentionInterface, "
+            "so the harness cannot see its queries; use an OPT or Llama-style model"
+        )
     return [
         LayerKV(i, layer.keys, layer.values, *captured[i]) for i, layer in enumerate(cache.layers)
     ]
+
+
+# Decoding passes explicit position ids: after eviction the cache holds fewer entries than
+# tokens seen, and transformers would otherwise take the cache length as the next position
+# (wrong RoPE angles for Llama, wrong learned positions for OPT).
 
 
 def _step(model, cache, token: torch.Tensor, position: int) -> torch.Tensor:
@@ -177,21 +187,24 @@ def prepare_prompt(model, prompt_ids, new_tokens: int) -> PromptState:
     """Prefill one prompt, let the full model greedily continue it, record its distributions."""
     prompt_ids = torch.as_tensor(prompt_ids, dtype=torch.long)
     _check_lengths(model, prompt_ids, new_tokens)
+    start = len(prompt_ids) - 1
     with companion_attention(model):
         layers = prefill(model, prompt_ids)
+        # Greedy decoding by hand rather than model.generate: the teacher's logits must come
+        # from exactly the computation the reference loop repeats for every method (same
+        # cache type, explicit positions, this attention function), so that `full` agrees 100%.
         cache = build_cache(model, [(layer.keys, layer.values) for layer in layers])
-        start = len(prompt_ids) - 1
         token, generated, step_logits = prompt_ids[-1], [], []
-        for i in range(new_tokens):  # greedy generation = the token-by-token teacher
+        for i in range(new_tokens):
             logits = _step(model, cache, token, start + i)
             token = logits.argmax()
             generated.append(token)
             step_logits.append(logits)
         continuation = torch.stack(generated)
-        state = PromptState(prompt_ids, layers, continuation, torch.stack(step_logits), None)
+        inputs = torch.cat([prompt_ids[-1:], continuation[:-1]])
         cache = build_cache(model, [(layer.keys, layer.values) for layer in layers])
-        state.pass_logits = decode_one_pass(model, cache, state.inputs, start)
-    return state
+        pass_logits = decode_one_pass(model, cache, inputs, start)
+    return PromptState(prompt_ids, layers, continuation, torch.stack(step_logits), pass_logits)
 
 
 def prepare_prompts(model, prompts, new_tokens: int, progress: bool = True) -> list[PromptState]:

@@ -171,3 +171,20 @@ def test_prompts_from_the_offline_data_are_exact(tokenizer):
     assert [len(p) for p in prompts] == [64, 64, 64] and all(p.dtype == torch.long for p in prompts)
     with pytest.raises(KVConfigError, match="unknown prompt source 'wiki'"):
         kv.long_prompts(tokenizer, 1, 64, "wiki")
+
+
+def test_runner_reuses_prepared_prompts_only_if_they_match(tmp_path):
+    from companion.models import load_lm
+
+    model, tokenizer = load_lm("tiny-llama")
+    config = run_config_from_dict({"model": "tiny-llama", "method": "tova", "budgets": [0.5], "max_length": 64,
+                                   "new_tokens": 4, "num_prompts": 2, "prompts": "mmlu"}, "tiny-llama-tova")
+    length, new_tokens, count = config.sizes()
+    states = kv.prepare_prompts(model, kv.long_prompts(tokenizer, count, length, "mmlu"), new_tokens, progress=False)
+    rows = run_configs([config], tmp_path / "a", model=model, tokenizer=tokenizer, states=states, progress=False)
+    fresh = run_configs([config], tmp_path / "b", model=model, tokenizer=tokenizer, progress=False)
+    assert [(r["top1"], r["kl"]) for r in rows] == [(r["top1"], r["kl"]) for r in fresh]
+    with pytest.raises(KVConfigError, match="prepared states are not this config's 2 prompts of 64 tokens"):
+        run_configs([config], tmp_path / "c", model=model, tokenizer=tokenizer, states=states[:1], progress=False)
+    with pytest.raises(KVConfigError, match="need the model they were prepared with"):
+        run_configs([config], tmp_path / "d", states=states, progress=False)
