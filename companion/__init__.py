@@ -7,7 +7,8 @@ Modules, one per concept:
 - ``data``: the registry of named datasets with one schema per kind.
 - ``course``: executes the notebooks (``python -m companion.course run``).
 - chapter modules: ``legacy``, ``prompting``, ``delta`` (chapter 1), ``chips`` (chapter 2),
-  ``sft`` and ``chat`` (chapter 3), ``kv`` (chapter 4).
+  ``sft`` and ``chat`` (chapter 3), ``kv_methods``, ``kv_fidelity`` and ``kv`` (chapter 4:
+  compression methods, the fidelity harness, and the batch runner with its command line).
 """
 
 __version__ = "0.1.0"
