@@ -301,11 +301,11 @@ def _encode(tokenizer, prompts: Sequence[str], max_length: int) -> list[list[int
     if isinstance(prompts, str):
         raise TypeError("expected a list of prompts, got a single string; wrap it in a list")
     ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-    cut = sum(len(row) > max_length for row in ids)
-    if cut:
+    if any(len(row) > max_length for row in ids):
+        # One message per call site (Python shows a repeated warning once), not one per batch.
         warnings.warn(
-            f"{cut} of {len(ids)} prompts are longer than max_length={max_length} tokens and "
-            "were cut from the left; raise max_length to keep them whole",
+            f"prompts longer than max_length={max_length} tokens are cut from the left; "
+            "raise max_length to keep them whole",
             stacklevel=3,
         )
     return [row[-max_length:] for row in ids]
@@ -447,15 +447,38 @@ def train_chips(
     return history
 
 
+ONE_STANDARD_ERROR = "1se"
+
+
+def standard_error(accuracy: float, count: int) -> float:
+    """Binomial standard error of an accuracy measured on ``count`` examples."""
+    if count < 1:
+        raise ValueError(f"need at least one example, got {count}")
+    return (accuracy * (1 - accuracy) / count) ** 0.5
+
+
 def choose_layer(validation_accuracy: Sequence[float], tolerance: float = 0.0) -> int:
     """The lowest layer whose validation accuracy is within ``tolerance`` of the best one.
 
-    With ``tolerance=0`` this is the best chip (the lowest one on ties, to prune most).
+    With ``tolerance=0`` this is the best chip (the lowest one on ties, to prune most). A
+    tolerance of one standard error of the best accuracy is the "one-standard-error rule":
+    layers that the validation split cannot tell apart from the best count as good, and
+    the shallowest of them wins.
     """
     if len(validation_accuracy) == 0:
         raise ValueError("no validation accuracies given")
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
     best = max(validation_accuracy)
     return next(i for i, acc in enumerate(validation_accuracy) if acc >= best - tolerance - 1e-12)
+
+
+def _tolerance_value(tolerance: float | str, best: float, count: int) -> float:
+    if tolerance == ONE_STANDARD_ERROR:
+        return standard_error(best, count)
+    if isinstance(tolerance, str):
+        raise ValueError(f"tolerance must be a number or {ONE_STANDARD_ERROR!r}, got {tolerance!r}")
+    return tolerance
 
 
 def accuracy(predicted: Sequence, gold: Sequence) -> float:
@@ -492,6 +515,7 @@ class ChippedModel:
         self.chips = ChipSet(num_layers(model), hidden_size(model), task.num_classes, kind, hidden, seed)
         self.layer: int | None = None
         self.validation_accuracy: list[float] | None = None
+        self.validation_count: int | None = None
 
     @property
     def num_layers(self) -> int:
@@ -568,9 +592,15 @@ class ChippedModel:
         targets = self._targets(targets, scores.shape[1])
         return (scores.argmax(-1) == targets).float().mean(dim=1).tolist()
 
-    def choose_layer(self, validation_data, validation_targets, tolerance: float = 0.0) -> int:
-        """Pick the chip on a held-out validation split (never on the test split)."""
+    def choose_layer(self, validation_data, validation_targets, tolerance: float | str = 0.0) -> int:
+        """Pick the chip on a held-out validation split (never on the test split).
+
+        ``tolerance``: how much validation accuracy may be given up for a shallower layer;
+        ``"1se"`` means one standard error of the best validation accuracy.
+        """
         self.validation_accuracy = self.layer_accuracies(validation_data, validation_targets)
+        self.validation_count = len(validation_targets)
+        tolerance = _tolerance_value(tolerance, max(self.validation_accuracy), self.validation_count)
         self.layer = choose_layer(self.validation_accuracy, tolerance)
         return self.layer
 
@@ -632,6 +662,7 @@ class ChippedModel:
             "hidden_size": self.chips.hidden_size,
             "layer": self.layer,
             "validation_accuracy": self.validation_accuracy,
+            "validation_count": self.validation_count,
             "max_length": self.max_length,
             **extra,
         }
@@ -674,7 +705,32 @@ class ChippedModel:
         chipped.chips.load_state_dict(load_file(folder / WEIGHTS_FILE))
         chipped.layer = meta["layer"]
         chipped.validation_accuracy = meta["validation_accuracy"]
+        chipped.validation_count = meta.get("validation_count")
         return chipped
+
+
+def choose_chip(candidates: Sequence[ChippedModel], tolerance: float | str = 0.0) -> ChippedModel:
+    """The shallowest chip, over several chip sets, within ``tolerance`` of the best of all.
+
+    ``candidates`` are chip sets for the same task and model (e.g. linear and MLP chips)
+    whose ``choose_layer`` already ran on the same validation split. The chip kind is then
+    chosen like the layer: on validation accuracy only. Among chips at the winning depth,
+    the more accurate one wins. Sets the winner's ``layer`` and returns it.
+    """
+    if not candidates:
+        raise ValueError("no chip sets to choose from")
+    if any(c.validation_accuracy is None for c in candidates):
+        raise ValueError("call choose_layer(validation_data, targets) on every candidate first")
+    best = max(max(c.validation_accuracy) for c in candidates)
+    tolerance = _tolerance_value(tolerance, best, candidates[0].validation_count)
+    for layer in range(max(c.num_layers for c in candidates)):
+        good = [c for c in candidates
+                if layer < c.num_layers and c.validation_accuracy[layer] >= best - tolerance - 1e-12]
+        if good:
+            winner = max(good, key=lambda c: c.validation_accuracy[layer])
+            winner.layer = layer
+            return winner
+    raise AssertionError("unreachable: the best chip is always within the tolerance")
 
 
 class PrunedChipModel:
@@ -848,6 +904,15 @@ def _cmd_predict(args) -> None:
         print(label)
 
 
+def _tolerance(text: str) -> float | str:
+    if text == ONE_STANDARD_ERROR:
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or {ONE_STANDARD_ERROR}, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m companion.chips", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -865,8 +930,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--max-length", type=int, default=256, help="prompt tokens kept (cut from the left)")
-    train.add_argument("--tolerance", type=float, default=0.0,
-                       help="choose the lowest layer within this much of the best validation accuracy")
+    train.add_argument("--tolerance", type=_tolerance, default=0.0,
+                       help="choose the lowest layer within this much of the best validation accuracy "
+                            f"(a number, or {ONE_STANDARD_ERROR} for one standard error)")
     train.add_argument("--seed", type=int, default=None)
     train.add_argument("--out", required=True, help="folder to save the chips in")
 

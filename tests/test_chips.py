@@ -206,6 +206,34 @@ def test_choose_layer_prefers_the_lowest_of_the_best():
     assert choose_layer([0.5, 0.7, 0.7, 0.6]) == 1
     assert choose_layer([0.66, 0.70, 0.69], tolerance=0.05) == 0
     assert choose_layer([0.60, 0.70, 0.69], tolerance=0.05) == 1
+    with pytest.raises(ValueError, match="tolerance must be >= 0"):
+        choose_layer([0.5], tolerance=-0.1)
+
+
+def test_one_standard_error_rule_picks_the_shallowest_indistinguishable_layer(monkeypatch, lm):
+    assert chips.standard_error(0.5, 100) == pytest.approx(0.05)
+    chipped = _chipped(lm)
+    accuracies = [0.40, 0.62, 0.66, 0.70]
+    monkeypatch.setattr(chipped, "layer_accuracies", lambda data, targets: accuracies)
+    targets = [0] * 84  # standard error of 0.70 on 84 examples: 0.05
+    assert chipped.choose_layer(None, targets) == 3
+    assert chipped.choose_layer(None, targets, tolerance="1se") == 2
+    with pytest.raises(ValueError, match="a number or '1se'"):
+        chipped.choose_layer(None, targets, tolerance="2se")
+
+
+def test_choose_chip_takes_the_shallowest_good_chip_of_any_kind(monkeypatch, lm):
+    linear, mlp = _chipped(lm), _chipped(lm, kind="mlp")
+    monkeypatch.setattr(linear, "layer_accuracies", lambda data, targets: [0.40, 0.55, 0.67, 0.66])
+    monkeypatch.setattr(mlp, "layer_accuracies", lambda data, targets: [0.45, 0.50, 0.66, 0.70])
+    targets = [0] * 84  # one standard error of 0.70: 0.05
+    for candidate in (linear, mlp):
+        candidate.choose_layer(None, targets)
+    assert chips.choose_chip([linear, mlp]) is mlp and mlp.layer == 3
+    winner = chips.choose_chip([linear, mlp], tolerance="1se")
+    assert winner is linear and linear.layer == 2  # 0.67 beats the MLP's 0.66 at layer 2
+    with pytest.raises(ValueError, match="call choose_layer"):
+        chips.choose_chip([_chipped(lm)])
 
 
 def test_layer_is_chosen_on_validation_data_only(lm):
@@ -297,7 +325,7 @@ def test_chips_on_a_peft_model(lm):
 def test_command_line_train_evaluate_predict(tmp_path, capsys):
     out = str(tmp_path / "chips")
     assert chips.main(["train", "--task", "sentiment", "--model", "tiny-opt", "--train-size", "12",
-                       "--validation-size", "6", "--epochs", "2", "--out", out]) == 0
+                       "--validation-size", "6", "--epochs", "2", "--tolerance", "1se", "--out", out]) == 0
     assert "chosen layer" in capsys.readouterr().out
     assert chips.main(["evaluate", "--chips", out, "--size", "6"]) == 0
     report = capsys.readouterr().out
