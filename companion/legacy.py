@@ -324,6 +324,7 @@ def apply_runtime_patches() -> dict[str, str]:
     # bookkeeping kwargs (is_first_iteration, next_sequence_length) that InputFeatures does
     # not know and warns about, once per token and example; they would be dropped anyway,
     # so drop them first. Later tokens go through the plm's own preparation, untouched.
+    # (The wrapper only acts, and is only listed as applied, when such kwargs show up.)
     known = _named_parameters(data_utils.InputFeatures.__init__)
     original_prepare = PromptForGeneration.prepare_inputs_for_generation
 
@@ -332,10 +333,11 @@ def apply_runtime_patches() -> dict[str, str]:
             unknown = [key for key in model_kwargs if key not in known]
             for key in unknown:
                 model_kwargs.pop(key)
+            if unknown:
+                _note("drop first-token kwargs InputFeatures ignores", f"generate() now passes {sorted(unknown)}")
         return original_prepare(self, input_ids, **model_kwargs)
 
     PromptForGeneration.prepare_inputs_for_generation = prepare_inputs_for_generation
-    _note("first-token kwargs InputFeatures ignores", "generate() passes new bookkeeping kwargs")
 
     # Beam search reorders the cache through model._reorder_cache; OpenPrompt forwards to
     # the plm's, which transformers 5 models no longer have (Cache objects reorder themselves).

@@ -104,13 +104,15 @@ def test_classic_recipe_trains_saves_reloads_with_identical_logits(name, tmp_pat
 
 
 @pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama"])
-def test_prompt_for_generation_matches_plain_generate(name, tmp_path):
+def test_prompt_for_generation_matches_plain_generate(name, tmp_path, caplog):
     plm, tokenizer, _config, wrapper = _plm(name, tmp_path)
     template = ManualTemplate(tokenizer=tokenizer, text=prompting.OPENPROMPT_QA_TEMPLATE)
     model = PromptForGeneration(plm=plm, template=template, tokenizer=tokenizer).eval()
     batch = next(iter(_loader(template, tokenizer, wrapper, train=False, batch_size=1)))
     # min_new_tokens = max_new_tokens: 3 tokens exactly, so the options really reach generate()
-    sequences, _texts = model.generate(batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    with caplog.at_level(logging.WARNING):
+        sequences, _texts = model.generate(batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert not [r for r in caplog.records if "unexpected key words" in r.getMessage()]
     prompt = batch["input_ids"][:, : int(batch["input_ids_len"][0])]
     expected = plm.generate(
         input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3, min_new_tokens=3,
