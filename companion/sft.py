@@ -22,6 +22,7 @@ import copy
 import json
 import random
 import re
+import textwrap
 import time
 import warnings
 from collections import defaultdict
@@ -302,6 +303,9 @@ def build_cache(
     if path is None:
         path = default_cache_file(model, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     path = Path(path)
+    for number, query in enumerate(queries):
+        if not isinstance(query, Mapping) or not {"id", "query"} <= set(query):
+            raise ValueError(f"query {number} needs 'id' and 'query' fields (as diverse_queries makes), got {query!r}")
     ids = [str(q["id"]) for q in queries]
     if len(set(ids)) != len(ids):
         raise ValueError("queries have duplicate ids; each query needs its own id")
@@ -415,6 +419,11 @@ def lora_config(model, *, trainable_tokens: Sequence[int] = (), r: int = 8, lora
     ``trainable_token_indices``: a small delta on those rows only, the rest stays frozen).
     """
     knobs = dict(r=r, lora_alpha=lora_alpha)
+    rows = model.get_input_embeddings().weight.shape[0]
+    outside = [i for i in trainable_tokens if not 0 <= int(i) < rows]
+    if outside:
+        raise ValueError(f"token ids {outside} are outside the embedding matrix ({rows} rows); "
+                         "add the token with add_special_token first")
     if trainable_tokens:
         knobs["trainable_token_indices"] = [int(i) for i in trainable_tokens]
     return delta.peft_config("lora", model, **knobs)
@@ -703,6 +712,10 @@ def evaluate_abilities(model, tokenizer, abilities: Mapping[str, Ability], *, ba
     The QA questions of all categories are generated in one batched pass (fewer, fuller
     batches are much faster on a CPU than one short pass per category).
     """
+    return _ability_scores(model, tokenizer, abilities, batch_size=batch_size, max_new_tokens=max_new_tokens)[0]
+
+
+def _ability_scores(model, tokenizer, abilities, *, batch_size, max_new_tokens) -> tuple[dict[str, float], list[str]]:
     for name, ability in abilities.items():
         if ability.kind not in ("qa", "multiple_choice"):
             raise ValueError(f"ability {name!r} has unknown kind {ability.kind!r}; use 'qa' or 'multiple_choice'")
@@ -720,7 +733,7 @@ def evaluate_abilities(model, tokenizer, abilities: Mapping[str, Ability], *, ba
             scores[name] = sum(qa_points[name]) / len(qa_points[name])
         else:
             scores[name] = multiple_choice_accuracy(model, tokenizer, ability.rows, batch_size=batch_size)
-    return scores
+    return scores, replies
 
 
 def scorecard(model, tokenizer, task_rows: Sequence[Mapping], abilities: Mapping[str, Ability], *,
@@ -729,6 +742,8 @@ def scorecard(model, tokenizer, task_rows: Sequence[Mapping], abilities: Mapping
 
     - ``task accuracy``: right verdicts / rows; ``format valid``: strict JSON replies / rows;
     - ``JSON despite DO NOT``: replies in JSON although the prompt said not to (lower is better);
+    - ``JSON on plain questions``: replies in JSON to the QA abilities' questions, which
+      never ask for it (format over-fitting; lower is better);
     - one entry per ability, in [0, 1].
     """
     probe_rows = list(probe_rows or [])
@@ -739,7 +754,10 @@ def scorecard(model, tokenizer, task_rows: Sequence[Mapping], abilities: Mapping
     card = {"task accuracy": judged["accuracy"], "format valid": judged["format_valid"]}
     if probe_rows:
         card["JSON despite DO NOT"] = judging_scores(probe_rows, replies[len(task_rows):])["json_rate"]
-    card.update(evaluate_abilities(model, tokenizer, abilities, batch_size=batch_size))
+    scores, qa_replies = _ability_scores(model, tokenizer, abilities, batch_size=batch_size, max_new_tokens=16)
+    if qa_replies:
+        card["JSON on plain questions"] = sum(looks_like_json(r) for r in qa_replies) / len(qa_replies)
+    card.update(scores)
     return card
 
 
@@ -758,7 +776,7 @@ def format_table(results: Mapping[str, Mapping[str, float]], digits: int = 2) ->
 
 # --- plots ----------------------------------------------------------------------------------
 
-TASK_METRICS = ("task accuracy", "format valid", "JSON despite DO NOT")
+TASK_METRICS = ("task accuracy", "format valid", "JSON despite DO NOT", "JSON on plain questions")
 
 
 def plot_scorecards(results: Mapping[str, Mapping[str, float]], baseline: str = "base"):
@@ -777,9 +795,10 @@ def plot_scorecards(results: Mapping[str, Mapping[str, float]], baseline: str = 
     for i, recipe in enumerate(recipes):
         x = np.arange(len(task)) + i * width
         left.bar(x, [results[recipe].get(m, np.nan) for m in task], width, label=recipe)
-    left.set_xticks(np.arange(len(task)) + width * (len(recipes) - 1) / 2, task, rotation=15)
+    left.set_xticks(np.arange(len(task)) + width * (len(recipes) - 1) / 2,
+                    [textwrap.fill(m, 12) for m in task], fontsize=8)
     left.set_ylim(0, 1.05)
-    left.set_title("the <sep> task")
+    left.set_title("the <sep> task and its format")
     left.legend(fontsize=8)
     width = 0.8 / max(1, len(tuned))
     for i, recipe in enumerate(tuned):
@@ -802,10 +821,11 @@ def plot_scaling(cards_by_size: Mapping[int, Mapping[str, float]], metrics: Sequ
     sizes = sorted(cards_by_size)
     metrics = list(metrics or [m for m in cards_by_size[sizes[0]] if m != "JSON despite DO NOT"])
     fig, ax = plt.subplots(figsize=(7, 4))
+    colours = plt.get_cmap("tab20").colors  # 20 distinct colours: one per curve
     for i, metric in enumerate(metrics):
         style = "-" if metric in TASK_METRICS else "--"
         ax.plot(sizes, [cards_by_size[s].get(metric) for s in sizes], style, marker="o", label=metric,
-                color=f"C{i % 10}")
+                color=colours[(2 * i) % 20 + (2 * i) // 20 % 2])
     ax.set_xlabel("task rows in training")
     ax.set_ylabel("score")
     ax.set_ylim(-0.02, 1.02)

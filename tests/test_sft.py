@@ -341,7 +341,8 @@ def test_scorecard_runs_end_to_end_on_a_tiny_model():
     }
     card = sft.scorecard(model, tokenizer, task, abilities,
                          probe_rows=sft.with_instruction(task, sft.DO_NOT_FOLLOW_FORMAT))
-    assert list(card) == ["task accuracy", "format valid", "JSON despite DO NOT", "geo", "mc"]
+    assert list(card) == ["task accuracy", "format valid", "JSON despite DO NOT", "JSON on plain questions",
+                          "geo", "mc"]
     assert all(0.0 <= v <= 1.0 for v in card.values())
     assert card["format valid"] == 0.0  # a random model writes no valid JSON
     table = sft.format_table({"base": card, "other": {"geo": 0.5}})
@@ -428,3 +429,30 @@ def test_ability_suite_and_query_pool_come_from_disjoint_splits():
     assert all(len(q["query"]) <= 300 for q in pool)
     assert not {q["id"] for q in pool} & (test_ids | set(short_qa["validation"]["id"]))
     assert len({q["category"] for q in pool}) >= 20
+
+
+def test_bad_inputs_get_clear_errors(tmp_path):
+    model, tokenizer = chat_model("tiny-llama")
+    with pytest.raises(ValueError, match="add_special_token first"):
+        sft.lora_config(model, trainable_tokens=[len(tokenizer) + 5])
+    with pytest.raises(ValueError, match="needs 'id' and 'query'"):
+        sft.build_cache(model, tokenizer, [{"id": "a", "text": "q"}], tmp_path / "c.jsonl", progress=False)
+    with pytest.raises(ValueError, match="duplicate ids"):
+        sft.build_cache(model, tokenizer, queries(2) + queries(1), tmp_path / "c.jsonl", progress=False)
+    with pytest.raises(ValueError, match="ratio must be >= 0"):
+        sft.mix(sft.judging_task(QA_ROWS[:2]), cache_rows(2), -1)
+
+
+def test_scorecard_counts_json_replies_to_plain_questions(monkeypatch):
+    def fake_replies(model, tokenizer, conversations, **options):
+        text = [c[0]["content"] for c in conversations]
+        return [sft.verdict_json("t", "no") if "Proposed answer" in t
+                else ('{"thought": "x"}' if "land" in t else "Plain prose.") for t in text]
+
+    monkeypatch.setattr(sft, "generate_replies", fake_replies)
+    task = sft.judging_task(QA_ROWS[:4])
+    abilities = {"geo": sft.Ability("geo", "qa", QA_ROWS[:6]), "chem": sft.Ability("chem", "qa", QA_ROWS[6:8])}
+    card = sft.scorecard(None, None, task, abilities, probe_rows=sft.with_instruction(task, sft.DO_NOT_FOLLOW_FORMAT))
+    assert card["format valid"] == 1.0 and card["task accuracy"] == 0.5
+    assert card["JSON despite DO NOT"] == 1.0
+    assert card["JSON on plain questions"] == 6 / 8
