@@ -117,7 +117,10 @@ def cache_path(*parts: str) -> Path:
 
 
 def figure_path(name: str) -> Path:
-    """Where a notebook saves a figure (``outputs/figures/NAME``, next to the notebooks)."""
+    """Where a notebook saves a figure: ``outputs/figures/NAME`` (``outputs/figures/fast/``
+    in fast mode, so that test runs never overwrite the figures of a full run)."""
     folder = REPO_ROOT / "outputs" / "figures"
+    if get_settings().fast:
+        folder = folder / "fast"
     folder.mkdir(parents=True, exist_ok=True)
     return folder / name

@@ -146,6 +146,9 @@ def _load_smollm2():
     with _quiet_loading():
         model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(target)
+    # Name the model by its course name, not by the cache folder it was read from, so that
+    # what records the backbone (delta checkpoints, run configs) is portable across machines.
+    model.config.name_or_path = model.name_or_path = "smollm2-135m"
     return model, tokenizer
 
 

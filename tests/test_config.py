@@ -41,3 +41,12 @@ def test_same_seed_same_numbers():
     assert torch.equal(first, torch.randn(5))
     seed_everything(8)
     assert not torch.equal(first, torch.randn(5))
+
+
+def test_fast_runs_keep_their_figures_apart(monkeypatch):
+    from companion.config import figure_path
+
+    monkeypatch.setenv("COURSE_FAST", "0")
+    full = figure_path("x.png")
+    monkeypatch.setenv("COURSE_FAST", "1")
+    assert figure_path("x.png") == full.parent / "fast" / "x.png"
