@@ -408,16 +408,8 @@ def backbone_fingerprint(model) -> dict:
 
 
 def _course_name(base) -> str:
-    """The name ``load_lm`` knows this backbone by (the default's cache folder maps back)."""
-    from .models import smollm2_cache_dir
-
-    name = str(getattr(base.config, "name_or_path", "") or "")
-    try:
-        if name and Path(name).resolve() == smollm2_cache_dir().resolve():
-            return "smollm2-135m"
-    except OSError:
-        pass
-    return name
+    """The name ``load_lm`` knows this backbone by (``load_lm`` sets ``name_or_path``)."""
+    return str(getattr(base.config, "name_or_path", "") or "")
 
 
 def save_delta(model: PeftModel, path: str | Path, *, template: str = DEFAULT_TEMPLATE) -> Path:
