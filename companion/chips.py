@@ -404,22 +404,33 @@ def train_chips(
     states_for: Callable[[torch.Tensor], torch.Tensor],
     targets: torch.Tensor,
     *,
-    epochs: int,
+    epochs: int | None,
     lr: float,
     batch_size: int,
     weight_decay: float,
     seed: int,
+    num_steps: int | None = None,
     progress: bool = True,
 ) -> list[float]:
     """Train every layer's chip at once: sum of the chips' cross-entropies, AdamW.
 
     ``states_for(indices)`` gives the ``(layers, batch, d)`` hidden states of those
     examples: a slice of cached features, or a fresh forward pass. The batches come from a
-    seeded generator, so both give the same chips. Returns the mean loss per chip, per epoch.
+    seeded generator, so both give the same chips. Give either ``epochs`` or ``num_steps``
+    (optimizer steps, whatever the training-set size: fair when comparing sizes). Returns
+    the mean loss per chip, per epoch.
     """
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs and batch_size must be at least 1, got {epochs} and {batch_size}")
+    if (epochs is None) == (num_steps is None):
+        raise ValueError("give either epochs or num_steps")
+    if batch_size < 1 or (epochs is not None and epochs < 1) or (num_steps is not None and num_steps < 1):
+        raise ValueError(
+            f"epochs, num_steps and batch_size must be at least 1, got {epochs}, {num_steps}, {batch_size}"
+        )
     targets = torch.as_tensor(targets, dtype=torch.long)
+    batches_per_epoch = -(-len(targets) // batch_size)
+    if num_steps is not None:
+        epochs = -(-num_steps // batches_per_epoch)
+    steps_left = num_steps if num_steps is not None else epochs * batches_per_epoch
     if targets.numel() and (targets.min() < 0 or targets.max() >= chips.num_classes):
         raise TaskError(f"targets must be class indices in [0, {chips.num_classes}), got {targets.unique().tolist()}")
     generator = torch.Generator().manual_seed(seed)
@@ -431,6 +442,9 @@ def train_chips(
         order = torch.randperm(len(targets), generator=generator)
         total, batches = 0.0, 0
         for start in range(0, len(order), batch_size):
+            if steps_left == 0:
+                break
+            steps_left -= 1
             indices = order[start : start + batch_size]
             logits = chips(states_for(indices))  # (L, B, C)
             layers = logits.shape[0]
@@ -482,7 +496,8 @@ def _tolerance_value(tolerance: float | str, best: float, count: int) -> float:
 
 
 def accuracy(predicted: Sequence, gold: Sequence) -> float:
-    if len(predicted) != len(gold) or not gold:
+    """Fraction of predictions equal to the gold labels."""
+    if len(predicted) != len(gold) or len(gold) == 0:
         raise ValueError(f"need as many predictions as gold labels (got {len(predicted)} and {len(gold)})")
     return sum(p == g for p, g in zip(predicted, gold)) / len(gold)
 
@@ -544,15 +559,19 @@ class ChippedModel:
         data: Features | Sequence[str],
         targets,
         *,
-        epochs: int = 30,
+        epochs: int | None = 30,
         lr: float = 1e-3,
         batch_size: int = 32,
         weight_decay: float = 0.01,
         seed: int | None = None,
+        num_steps: int | None = None,
         cache: bool = True,
         progress: bool = True,
     ) -> list[float]:
         """Train all chips; returns the mean loss per chip per epoch.
+
+        ``num_steps`` (optimizer steps) replaces ``epochs`` when given: use it to compare
+        training-set sizes with the same optimisation effort.
 
         With ``cache=True`` (the point of chip-tuning) the model runs once per example and
         every epoch reuses the cached states. ``cache=False`` runs the model on every batch
@@ -577,8 +596,8 @@ class ChippedModel:
                 ).states
 
         return train_chips(
-            self.chips, states_for, targets, epochs=epochs, lr=lr, batch_size=batch_size,
-            weight_decay=weight_decay, seed=seed, progress=progress,
+            self.chips, states_for, targets, epochs=None if num_steps is not None else epochs, lr=lr,
+            batch_size=batch_size, weight_decay=weight_decay, seed=seed, num_steps=num_steps, progress=progress,
         )
 
     @torch.no_grad()
@@ -623,7 +642,10 @@ class ChippedModel:
 
     def zero_shot_predict(self, data: Features | Sequence[str]) -> list[str]:
         """The baseline: the full model's answer by next-token scoring of the label words."""
-        return self.task.decode(self._features(data).label_scores.argmax(-1))
+        features = self._features(data)
+        if features.label_scores is None:
+            raise ValueError("these features hold no label scores; extract them with ChippedModel.features")
+        return self.task.decode(features.label_scores.argmax(-1))
 
     def zero_shot_accuracy(self, data: Features | Sequence[str], targets) -> float:
         features = self._features(data)

@@ -195,6 +195,19 @@ def test_cached_features_train_the_same_chips_as_a_forward_per_epoch(lm):
         torch.testing.assert_close(value, fresh.chips.state_dict()[name], rtol=1e-4, atol=1e-5)
 
 
+def test_num_steps_counts_optimizer_steps(lm, monkeypatch):
+    chipped = _chipped(lm)
+    features = chipped.features(RAW_PROMPTS, progress=False)  # 18 examples
+    steps = []
+    original = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: steps.append(1) or original(self, *a, **k))
+    losses = chipped.fit(features, [row["label"] for row in ROWS], num_steps=7, batch_size=4, progress=False)
+    assert len(steps) == 7 and len(losses) == 2  # 5 batches per epoch: 5 + 2 steps
+    with pytest.raises(ValueError, match="either epochs or num_steps"):
+        chips.train_chips(chipped.chips, lambda i: features.states[:, i], torch.zeros(18, dtype=torch.long),
+                          epochs=2, num_steps=3, lr=1e-3, batch_size=4, weight_decay=0.0, seed=0)
+
+
 def test_fresh_forward_training_needs_prompts(lm):
     chipped = _chipped(lm)
     features = chipped.features(RAW_PROMPTS[:3], progress=False)
