@@ -51,8 +51,12 @@ def main() -> None:
         "|---|---|---|---|",
         *[f"| `{n}` | {minutes(f)} | {minutes(q)} | {m} |" for n, f, q, m in rows],
         "",
-        f"Measured on a {threads}-core CPU; full mode from the committed run of each notebook, "
-        "fast mode by `python benchmarks/notebook_times.py`.",
+        f"Measured on a {threads}-core CPU. Full mode: the committed run of each notebook "
+        "(chapters 1-4 ran with `COURSE_THREADS=1` while other jobs shared the machine, so "
+        "an idle machine is faster). Fast mode: `python benchmarks/notebook_times.py`, with the "
+        "caches that earlier runs left (converted model, self-sampled answers, finished KV runs); "
+        "a first run on a clean machine takes longer (the whole `make test` took 6.9 min "
+        "including setup from a warm pip cache).",
     ]
     table = "\n".join(lines)
     print("\n" + table)
