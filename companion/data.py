@@ -102,38 +102,32 @@ def validate_row(row: Any, kind: str, where: str, labels: Iterable[str] = ()) ->
     return {name: row[name] for name in SCHEMAS[kind]}
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Read a JSON-lines file; a malformed line raises ``DataError`` naming its line number."""
+def json_lines(path: str | Path, error: type[Exception] = DataError, hint: str = ""):
+    """Yield ``(line number, value)`` for each non-blank line of a JSON-lines file.
+
+    A malformed line raises ``error`` naming the file and line, followed by ``hint``.
+    """
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path} does not exist")
-    rows = []
+        raise error(f"{path} does not exist")
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-    return rows
+                yield number, json.loads(line)
+            except json.JSONDecodeError as problem:
+                raise error(f"{path}:{number}: not valid JSON ({problem.msg}){hint}") from None
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Read a JSON-lines file; a malformed line raises ``DataError`` naming its line number."""
+    return [row for _, row in json_lines(path)]
 
 
 def load_jsonl(path: str | Path, kind: str, labels: Iterable[str] = ()) -> list[dict]:
     """Read and validate a JSON-lines file of one kind (errors name file and line)."""
-    path = Path(path)
-    rows = []
-    number = 0
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-            rows.append(validate_row(row, kind, f"{path}:{number}", labels))
-    return rows
+    return [validate_row(row, kind, f"{path}:{number}", labels) for number, row in json_lines(path)]
 
 
 # --- offline sources ----------------------------------------------------------------------

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from . import delta
 from .chat import generate_replies
 from .config import cache_path, get_settings, seed_everything
+from .data import json_lines
 from .prompting import normalize_answer, token_f1
 
 SEP_TOKEN = "<sep>"
@@ -261,23 +262,14 @@ def read_cache(path: str | Path) -> list[dict]:
     if not path.exists():
         return []
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise CacheError(
-                    f"{path}:{number}: not valid JSON ({error.msg}); delete that line (or the file) "
-                    "and run build_cache again to re-sample it"
-                ) from None
-            if not isinstance(row, dict) or any(not isinstance(row.get(k), str) for k in CACHE_FIELDS):
-                raise CacheError(
-                    f"{path}:{number}: a cache row needs string fields {list(CACHE_FIELDS)}; "
-                    "delete that line (or the file) and run build_cache again"
-                )
-            rows.append(row)
+    hint = "; delete that line (or the file) and run build_cache again to re-sample it"
+    for number, row in json_lines(path, error=CacheError, hint=hint):
+        if not isinstance(row, dict) or any(not isinstance(row.get(k), str) for k in CACHE_FIELDS):
+            raise CacheError(
+                f"{path}:{number}: a cache row needs string fields {list(CACHE_FIELDS)}; "
+                "delete that line (or the file) and run build_cache again"
+            )
+        rows.append(row)
     return rows
 
 
