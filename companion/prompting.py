@@ -24,6 +24,29 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
+# --- multiple choice ---------------------------------------------------------------------------
+
+CHOICE_LETTERS = "ABCD"
+
+
+def multiple_choice_text(question: str, choices: Sequence[str], *, letters: Sequence[str] = CHOICE_LETTERS,
+                         question_prefix: str = "", answer_prompt: str = "") -> str:
+    """A multiple-choice question as text: the question, then one ``A. choice`` line per choice.
+
+    The one formatter for every chapter (chips, SFT queries, KV prompts). ``question_prefix``
+    (e.g. ``"Question: "``) goes before the question, ``answer_prompt`` (e.g. ``"Answer:"``)
+    on a last line of its own.
+    """
+    choices = list(choices)
+    if len(choices) > len(letters):
+        raise ValueError(f"{len(choices)} choices but only {len(letters)} letters {list(letters)}")
+    lines = [f"{question_prefix}{str(question).strip()}"]
+    lines += [f"{letter}. {str(choice).strip()}" for letter, choice in zip(letters, choices)]
+    if answer_prompt:
+        lines.append(answer_prompt)
+    return "\n".join(lines)
+
+
 # --- plain-text QA templates (PEFT recipe) ---------------------------------------------------
 
 QA_TEMPLATES = {

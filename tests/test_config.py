@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from companion.config import get_settings, seed_everything
@@ -50,3 +51,23 @@ def test_fast_runs_keep_their_figures_apart(monkeypatch):
     full = figure_path("x.png")
     monkeypatch.setenv("COURSE_FAST", "1")
     assert figure_path("x.png") == full.parent / "fast" / "x.png"
+
+
+@pytest.mark.parametrize("value", ["maybe", "fast", "2"])
+def test_unrecognised_fast_mode_is_an_error_not_full_mode(monkeypatch, value):
+    monkeypatch.setenv("COURSE_FAST", value)
+    with pytest.raises(ValueError, match="COURSE_FAST=.*use COURSE_FAST=1"):
+        get_settings()
+
+
+@pytest.mark.parametrize("value, fast", [("yes", True), ("OFF", False), (" 1 ", True), ("false", False)])
+def test_fast_mode_words(monkeypatch, value, fast):
+    monkeypatch.setenv("COURSE_FAST", value)
+    assert get_settings().fast is fast
+
+
+@pytest.mark.parametrize("value", ["-1", str(2**64)])
+def test_out_of_range_seed_is_named(monkeypatch, value):
+    monkeypatch.setenv("COURSE_SEED", value)
+    with pytest.raises(ValueError, match="COURSE_SEED must be between 0 and"):
+        get_settings()

@@ -57,3 +57,44 @@ def test_parameter_count_counts_tied_weights_once():
         p.requires_grad_(False)
     model.lm_head.weight.requires_grad_(True)
     assert parameter_count(model, trainable_only=True) == model.lm_head.weight.numel()
+
+
+def test_model_name_and_slug_are_one_rule(tiny_lm):
+    from companion.models import model_name, model_slug
+
+    model, _ = tiny_lm
+    assert model_name(model) in ("tiny-opt", "tiny-llama")
+    assert model_slug(model) == model_name(model)
+    assert model_slug("facebook/opt-125m") == "facebook--opt-125m"
+    assert model_slug("/home/me/models/my model/") == "my-model"
+
+
+def test_padding_side_is_restored_even_after_an_error(tiny_lm):
+    from companion.models import padding_side
+
+    _, tokenizer = tiny_lm
+    before = tokenizer.padding_side
+    with pytest.raises(RuntimeError):
+        with padding_side(tokenizer, "right"):
+            assert tokenizer.padding_side == "right"
+            raise RuntimeError("boom")
+    assert tokenizer.padding_side == before
+    with pytest.raises(ValueError, match="'left' or 'right'"):
+        with padding_side(tokenizer, "middle"):
+            pass
+
+
+def test_bad_local_paths_say_what_is_wrong(tmp_path):
+    from companion.models import ModelNotAvailableError, load_lm
+
+    with pytest.raises(ModelNotAvailableError, match="looks like a local path but there is nothing there"):
+        load_lm(str(tmp_path / "no-such-model"))
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(ModelNotAvailableError, match="is a file, not a model folder"):
+        load_lm(str(text))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(ModelNotAvailableError, match="config.json is damaged"):
+        load_lm(str(broken))
