@@ -136,14 +136,27 @@ def cache_path(*parts: str) -> Path:
     return path
 
 
-def figure_path(name: str) -> Path:
-    """Where a notebook saves a figure: ``outputs/figures/NAME`` (``outputs/figures/fast/``
-    in fast mode, so that test runs never overwrite the figures of a full run)."""
-    folder = REPO_ROOT / "outputs" / "figures"
+def _outputs_folder(kind: str) -> Path:
+    folder = REPO_ROOT / "outputs" / kind
     if get_settings().fast:
         folder = folder / "fast"
     folder.mkdir(parents=True, exist_ok=True)
-    return folder / name
+    return folder
+
+
+def delta_path(name: str) -> Path:
+    """Where a chapter saves a tuned delta (adapter) that the chat can open: ``outputs/deltas/NAME``.
+
+    Fast runs use ``outputs/deltas/fast/`` so tests never overwrite a full run's adapter;
+    ``python -m companion.chat`` lists the deltas found in both.
+    """
+    return _outputs_folder("deltas") / name
+
+
+def figure_path(name: str) -> Path:
+    """Where a notebook saves a figure: ``outputs/figures/NAME`` (``outputs/figures/fast/``
+    in fast mode, so that test runs never overwrite the figures of a full run)."""
+    return _outputs_folder("figures") / name
 
 
 def package_dir(package: str, pip_name: str, error: type[Exception] = ModuleNotFoundError) -> Path:
