@@ -22,7 +22,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
-from tqdm.auto import tqdm
+
+from .progress import progress
 
 # --- multiple choice ---------------------------------------------------------------------------
 
@@ -68,6 +69,33 @@ def qa_prompt(question: str, template: str = DEFAULT_TEMPLATE) -> str:
             "nor a format string containing {question}"
         )
     return text.format(question=question.strip())
+
+
+FEW_SHOT_SEPARATOR = "\n\n"
+CHAT_INSTRUCTION = "Answer the question with a few words only."
+
+
+def few_shot_prompt(question: str, examples: Sequence[Mapping], template: str = DEFAULT_TEMPLATE) -> str:
+    """``k``-shot prompt: ``examples`` (QA rows) answered in ``template``, then ``question``.
+
+    Scored like the tuned models: the model continues after the last ``Answer:`` and its
+    first line is the answer.
+    """
+    shots = [qa_prompt(row["question"], template) + " " + str(row["answer"]).strip() for row in examples]
+    return FEW_SHOT_SEPARATOR.join(shots + [qa_prompt(question, template)])
+
+
+def chat_prompt(tokenizer, question: str, instruction: str = CHAT_INSTRUCTION) -> str:
+    """A question sent the way a chat model expects it: its chat template, the reply to begin.
+
+    A fair zero-shot baseline for an instruction-tuned model (a raw ``Question:/Answer:``
+    text is not what such a model was trained to continue).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this tokenizer has no chat template; use the plain template (qa_prompt) instead")
+    content = f"{instruction}\n{question.strip()}" if instruction else question.strip()
+    return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
 
 
 def qa_pairs(rows: Iterable[Mapping], template: str = DEFAULT_TEMPLATE) -> list[tuple[str, str]]:
@@ -131,17 +159,32 @@ def token_f1(prediction: str, gold: str | Sequence[str]) -> float:
     return max(f1(prediction, g) for g in _as_list(gold))
 
 
-def qa_scores(predictions: Sequence[str], golds: Sequence[str | Sequence[str]]) -> dict[str, float]:
-    """Mean exact match and token F1, as fractions in [0, 1]."""
+def contains_answer(prediction: str, gold: str | Sequence[str]) -> float:
+    """1.0 if a normalised gold answer appears, as whole words, inside the normalised prediction.
+
+    Unlike EM, this does not punish a full sentence ("The capital of Jordan is Amman."),
+    so it separates *knowing* the answer from *answering in the expected form*.
+    """
+    pred = f" {normalize_answer(prediction)} "
+    return float(any(normalize_answer(g) and f" {normalize_answer(g)} " in pred for g in _as_list(gold)))
+
+
+QA_METRICS = {"em": exact_match, "f1": token_f1, "contains": contains_answer}
+
+
+def qa_item_scores(predictions: Sequence[str], golds: Sequence[str | Sequence[str]]) -> dict[str, list[float]]:
+    """Per-question scores, one list per metric in ``QA_METRICS`` (for intervals and paired tests)."""
     if len(predictions) != len(golds):
         raise ValueError(f"{len(predictions)} predictions for {len(golds)} gold answers")
     if not predictions:
         raise ValueError("no predictions to score")
-    n = len(predictions)
-    return {
-        "em": sum(exact_match(p, g) for p, g in zip(predictions, golds)) / n,
-        "f1": sum(token_f1(p, g) for p, g in zip(predictions, golds)) / n,
-    }
+    return {name: [metric(p, g) for p, g in zip(predictions, golds)] for name, metric in QA_METRICS.items()}
+
+
+def qa_scores(predictions: Sequence[str], golds: Sequence[str | Sequence[str]]) -> dict[str, float]:
+    """Mean exact match, token F1 and contains-the-answer, as fractions in [0, 1]."""
+    items = qa_item_scores(predictions, golds)
+    return {name: sum(values) / len(values) for name, values in items.items()}
 
 
 # --- verbalizer label words ------------------------------------------------------------------
@@ -238,7 +281,7 @@ def train_prompt_model(
     losses, tokens = [], 0
     start = time.perf_counter()
     batches = _cycle(dataloader)
-    with tqdm(total=num_steps, desc=desc) as bar:
+    with progress(total=num_steps, desc=desc) as bar:
         for _ in range(num_steps):
             batch = next(batches)
             if is_generation:

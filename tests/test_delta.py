@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from companion import arch, delta
+from companion import arch, cli, delta
 from companion.models import TinySpec, load_lm
 
 ARCHS = ["tiny-opt", "tiny-llama"]
@@ -168,5 +170,65 @@ def test_ask_interactive_and_command_line(tmp_path, capsys):
     path = delta.save_delta(peft_model, tmp_path / "delta")
     assert delta.main(["ask", "--delta", str(path), "-q", "What is the capital of France?"]) == 0
     assert "A: Paris" in capsys.readouterr().out
-    assert delta.main(["ask", "--delta", str(path), "--base", "tiny-opt", "-q", "x"]) == 2
+    assert cli.run(delta.main, ["ask", "--delta", str(path), "--base", "tiny-opt", "-q", "x"]) == 2
     assert "made for backbone 'tiny-llama'" in capsys.readouterr().err
+
+
+def _saved_delta(tmp_path, name="tiny-opt"):
+    model, _ = load_lm(name)
+    return delta.save_delta(delta.attach(model, "lora"), tmp_path / "delta")
+
+
+def test_info_without_backbone_name_is_named_not_a_key_error(tmp_path):
+    path = _saved_delta(tmp_path)
+    info = json.loads((path / delta.DELTA_INFO_FILE).read_text())
+    del info["backbone"]["name"]
+    (path / delta.DELTA_INFO_FILE).write_text(json.dumps(info))
+    with pytest.raises(delta.DeltaMismatchError, match="does not say which backbone.*missing name"):
+        delta.load_delta(path)
+
+
+def test_damaged_info_file_names_the_file(tmp_path):
+    path = _saved_delta(tmp_path)
+    (path / delta.DELTA_INFO_FILE).write_text('{"backbone": {"name": "tiny-')
+    with pytest.raises(delta.DeltaMismatchError, match="course_delta.json is damaged"):
+        delta.load_delta(path)
+
+
+def test_missing_adapter_weights_are_named_not_a_hub_error(tmp_path):
+    path = _saved_delta(tmp_path)
+    (path / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="lacks adapter_model.safetensors.*incomplete"):
+        delta.load_delta(path)
+
+
+def test_a_file_instead_of_a_folder(tmp_path):
+    text = tmp_path / "delta.txt"
+    text.write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        delta.load_delta(text)
+
+
+def test_command_line_prints_one_error_line_and_exits_2(tmp_path, capsys):
+    assert cli.run(delta.main, ["ask", "--delta", str(tmp_path / "nothing"), "-q", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no delta checkpoint folder") and err.count("\n") == 1
+    with pytest.raises(FileNotFoundError):
+        cli.run(delta.main, ["ask", "--delta", str(tmp_path / "nothing"), "-q", "x", "--debug"])
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_a_delta_with_a_new_token_reloads_with_its_tokenizer(name, tmp_path):
+    model, tokenizer = load_lm(name)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<sep>"]})
+    model.resize_token_embeddings(len(tokenizer))
+    sep = tokenizer.convert_tokens_to_ids("<sep>")
+    peft_model = delta.attach(model, "lora", trainable_token_indices=[sep])
+    delta.train(peft_model, tokenizer, [(p + " <sep>", t) for p, t in PAIRS], num_steps=3, lr=1e-2,
+                batch_size=3, max_length=32)
+    path = delta.save_delta(peft_model, tmp_path / "delta", tokenizer=tokenizer)
+    reloaded = delta.load_delta(path)  # a fresh backbone with the original vocabulary
+    reloaded_tokenizer = delta.load_delta_tokenizer(path)
+    assert reloaded_tokenizer.convert_tokens_to_ids("<sep>") == sep
+    prompts = [p + " <sep>" for p, _ in PAIRS]
+    assert torch.equal(_logits(peft_model, tokenizer, prompts), _logits(reloaded, reloaded_tokenizer, prompts))
