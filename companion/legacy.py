@@ -411,31 +411,45 @@ def plm_for(model, tokenizer, folder: str | Path | None = None):
         if folder is None:
             from .config import cache_path
 
-            name = Path(str(config.name_or_path or family)).name or family
-            folder = cache_path("openprompt_plms", name)
+            from .models import model_slug
+
+            folder = cache_path("openprompt_plms", model_slug(str(config.name_or_path or family)))
         save_for_load_plm(model, tokenizer, folder)
-        plm, loaded_tokenizer, plm_config, wrapper = plms.load_plm(family, str(folder))
+        from .models import quiet_loading
+
+        with quiet_loading():
+            plm, loaded_tokenizer, plm_config, wrapper = plms.load_plm(family, str(folder))
         plm.eval()
         return plm, patch_tokenizer(loaded_tokenizer), plm_config, wrapper
     return model, patch_tokenizer(tokenizer), config, plms.LMTokenizerWrapper
 
 
 def quiet_logs(level: int = logging.ERROR) -> None:
-    """Silence OpenDelta's chatter (it logs every config it builds at INFO level).
+    """Silence OpenDelta's chatter and OpenPrompt's per-loader "tokenizing" bar.
 
-    Its loggers are per module, each with its own level set at import, so setting the
-    parent "opendelta" logger is not enough: every one of them is set here.
+    OpenDelta logs every config it builds at INFO level; its loggers are per module, each
+    with its own level set at import, so every one of them is set here. OpenPrompt's
+    ``PromptDataLoader`` draws a progress bar on stderr for every loader it builds (a
+    fraction of a second of work each), which would fill a notebook with stderr blocks.
     """
+    import functools
+
     opendelta_module()
     for name in list(logging.root.manager.loggerDict):
         if name == "opendelta" or name.startswith("opendelta."):
             logging.getLogger(name).setLevel(level)
+    pipeline = openprompt_module("openprompt.pipeline_base")
+    if not isinstance(pipeline.tqdm, functools.partial):
+        pipeline.tqdm = functools.partial(pipeline.tqdm, disable=True)
 
 
 def save_for_load_plm(model, tokenizer, folder: str | Path) -> Path:
     """Save a model and tokenizer where ``load_plm(family, folder)`` can load them."""
+    from .models import quiet_loading
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
+    with quiet_loading():
+        model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

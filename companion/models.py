@@ -137,7 +137,7 @@ def _load_smollm2():
     target = smollm2_cache_dir()
     if not (target / "model.safetensors").exists():
         convert_smollm2(target)
-    with _quiet_loading():
+    with quiet_loading():
         model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(target)
     # Name the model by its course name, not by the cache folder it was read from, so that
@@ -147,8 +147,9 @@ def _load_smollm2():
 
 
 @contextmanager
-def _quiet_loading():
-    """Hide transformers' per-tensor "Loading weights" bar: a one-second load needs none."""
+def quiet_loading():
+    """Hide transformers' "Loading weights" / "Writing model shards" bars: a one-second load or
+    save needs none, and in a notebook they are widgets that a saved file shows as ``0%``."""
     from transformers.utils import logging as hf_logging
 
     enabled = hf_logging.is_progress_bar_enabled()
@@ -246,7 +247,7 @@ def _load_pretrained(name: str):
 
 def _from_pretrained(name: str, local_files_only: bool):
     tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_files_only)
-    with _quiet_loading():
+    with quiet_loading():
         model = AutoModelForCausalLM.from_pretrained(
             name, dtype=torch.float32, local_files_only=local_files_only
         )

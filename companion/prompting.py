@@ -311,14 +311,19 @@ def _cycle(dataloader):
 
 
 @torch.no_grad()
-def classify_accuracy(prompt_model, dataloader) -> float:
-    """Accuracy of an OpenPrompt ``PromptForClassification`` over a data loader."""
+def classify_correct(prompt_model, dataloader) -> list[float]:
+    """Per-example correctness (1.0/0.0) of an OpenPrompt ``PromptForClassification``."""
     prompt_model.eval()
-    correct = total = 0
+    correct: list[float] = []
     for batch in dataloader:
         predicted = prompt_model(batch).argmax(dim=-1)
-        correct += int((predicted == batch["label"]).sum())
-        total += len(predicted)
-    if total == 0:
+        correct += (predicted == batch["label"]).float().tolist()
+    if not correct:
         raise ValueError("the data loader is empty")
-    return correct / total
+    return correct
+
+
+def classify_accuracy(prompt_model, dataloader) -> float:
+    """Accuracy of an OpenPrompt ``PromptForClassification`` over a data loader."""
+    correct = classify_correct(prompt_model, dataloader)
+    return sum(correct) / len(correct)
