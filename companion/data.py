@@ -315,7 +315,7 @@ REGISTRY: dict[str, DatasetSpec] = {
             "for this course, plus chatterbot-corpus trivia and history with answers of <= 6 words",
             source="data/facts_qa.jsonl + PyPI chatterbot-corpus==1.3.3",
             licence="CC0 (course-written facts); BSD-3-Clause (chatterbot-corpus)",
-            validation_size=60, test_size=100, hub_id="allenai/ai2_arc (ARC-Easy)",
+            validation_size=60, test_size=200, hub_id="allenai/ai2_arc (ARC-Easy)",
             reader=_short_qa_rows, hub_reader=_hub_arc,
         ),
         DatasetSpec(
