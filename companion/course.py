@@ -4,6 +4,11 @@ Each notebook runs in a fresh kernel of this Python (nbclient), in the notebooks
 with ``COURSE_FAST`` set for the mode asked for. The executed notebook is written back in
 place (or to ``--output-dir``) with its run time, mode and model in its metadata under
 ``course``, which ``benchmarks/notebook_times.py`` reads to build the README's table.
+
+Before writing, each cell's stream outputs are tidied the way a terminal would show them
+(``tidy_streams``): consecutive chunks of one stream are joined and a progress bar's
+carriage-return updates collapse to its final line, so a saved notebook shows one line per
+finished bar rather than every refresh.
 """
 
 from __future__ import annotations
@@ -15,7 +20,10 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from .config import REPO_ROOT, get_settings
+import re
+
+from . import cli
+from .config import REPO_ROOT, figure_path, get_settings
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 
@@ -37,6 +45,34 @@ def _environment(**values: str):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+_OVERWRITTEN = re.compile(r"[^\n]*\r(?=[^\n])")
+
+
+def _resolve_carriage_returns(text: str) -> str:
+    """Text as a terminal shows it: what a carriage return rewrote is gone."""
+    text = text.replace("\r\n", "\n")
+    return _OVERWRITTEN.sub("", text).replace("\r", "")
+
+
+def tidy_streams(notebook) -> None:
+    """Join each cell's consecutive chunks of one stream and apply their carriage returns."""
+    for cell in notebook.cells:
+        if cell.get("cell_type") != "code":
+            continue
+        tidied = []
+        for output in cell.get("outputs", []):
+            previous = tidied[-1] if tidied else None
+            if (output.get("output_type") == "stream" and previous is not None
+                    and previous.get("output_type") == "stream" and previous.get("name") == output.get("name")):
+                previous["text"] = previous["text"] + output["text"]
+            else:
+                tidied.append(output)
+        for output in tidied:
+            if output.get("output_type") == "stream":
+                output["text"] = _resolve_carriage_returns(output["text"])
+        cell["outputs"] = [o for o in tidied if o.get("output_type") != "stream" or o["text"].strip()]
 
 
 def execute_notebook(path: str | Path, *, fast: bool, output: str | Path | None = None,
@@ -65,6 +101,7 @@ def execute_notebook(path: str | Path, *, fast: bool, output: str | Path | None 
             client.execute()
         finally:
             seconds = time.perf_counter() - start
+            tidy_streams(notebook)
             notebook.metadata["course"] = {
                 "mode": "fast" if fast else "full",
                 "seconds": round(seconds, 1),
@@ -84,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--output-dir", type=Path, default=None,
                      help="write executed notebooks here instead of in place")
     sub.add_parser("list", help="list the notebooks in order")
+    cli.add_debug_flag(parser)
     args = parser.parse_args(argv)
 
     if args.command == "list":
@@ -100,9 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"- {path} ...", end=" ", flush=True)
         seconds = execute_notebook(path, fast=args.fast, output=output)
         print(f"{seconds / 60:.1f} min")
-    print("figures: outputs/figures/")
+    with _environment(COURSE_FAST="1" if args.fast else "0"):
+        print(f"figures: {figure_path('x').parent.relative_to(REPO_ROOT)}/")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -58,7 +58,10 @@ def save_delta(model: PeftModel, path: str | Path, *, template: str = DEFAULT_TE
         raise TypeError("save_delta expects a model returned by companion.delta.attach or load_delta")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
+    # save_embedding_layers=False: PEFT's "auto" looks the base model up on the Hub to see if
+    # its vocabulary changed (a warning offline); new tokens' rows are saved by the delta itself
+    # (trainable tokens), and the tokenizer beside it when one is given.
+    model.save_pretrained(path, save_embedding_layers=False)
     method = model.peft_config[model.active_adapter].peft_type.value.lower()
     info = {"backbone": backbone_fingerprint(model), "method": method, "template": template,
             "tokenizer": tokenizer is not None}
