@@ -356,7 +356,7 @@ def test_command_line_train_evaluate_predict(tmp_path, capsys):
     ],
 )
 def test_command_line_errors_are_one_clear_line(argv, message, capsys):
-    assert chips.main(argv) == 2
+    assert chips.run(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 
