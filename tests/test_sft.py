@@ -42,16 +42,17 @@ def queries(n, start=0):
 
 def test_judging_task_is_balanced_with_plausible_wrong_answers():
     rows = sft.judging_task(QA_ROWS, seed=0)
-    assert Counter(r["label"] for r in rows) == {"yes": 6, "no": 6}
+    assert Counter(r["label"] for r in rows) == {"wrong": 6, "correct": 6}
     for row, qa in zip(rows, QA_ROWS):
-        verdict = sft.parse_verdict(row["completion"][0]["content"])
-        assert verdict == {"thought": f"The right answer is {qa['answer']}.", "hallucination": row["label"]}
-        if row["label"] == "yes":
+        assert sft.parse_verdict(row["completion"][0]["content"]) == row["label"]
+        prompt = row["prompt"][0]["content"]
+        assert prompt.startswith(f"Context: Q: {qa['question']} A: {qa['answer']}\n")
+        if row["label"] == "wrong":
             assert row["proposed"] != qa["answer"]
             assert row["proposed"][0] == qa["answer"][0]  # from the same category (City.. / X..)
         else:
             assert row["proposed"] == qa["answer"]
-        assert sft.SEP_TOKEN in row["prompt"][0]["content"]
+        assert f"Proposed answer: {row['proposed']}\n" in prompt and sft.SEP_TOKEN in prompt
     assert sft.judging_task(QA_ROWS, seed=0) == rows  # seeded
     assert sft.judging_task(QA_ROWS, seed=1) != rows
 
@@ -61,19 +62,18 @@ def test_with_instruction_swaps_only_the_instruction():
     probes = sft.with_instruction(rows, sft.DO_NOT_FOLLOW_FORMAT)
     for row, probe in zip(rows, probes):
         assert probe["prompt"][0]["content"].endswith(sft.DO_NOT_FOLLOW_FORMAT)
-        assert probe["prompt"][0]["content"].split("\n")[:2] == row["prompt"][0]["content"].split("\n")[:2]
+        assert probe["prompt"][0]["content"].split("\n")[:3] == row["prompt"][0]["content"].split("\n")[:3]
         assert probe["label"] == row["label"]
 
 
 @pytest.mark.parametrize("text, valid", [
-    ('{"thought": "The right answer is Paris.", "hallucination": "no"}', True),
-    ('  {"thought": "x", "hallucination": "yes"}\n', True),
-    ('{"thought": "x", "hallucination": "maybe"}', False),
-    ('{"thought": "x"}', False),
-    ('{"thought": "x", "hallucination": "no", "extra": 1}', False),
-    ('{"thought": "x", "hallucination": "no"} and more', False),
+    ('{"verdict": "correct"}', True),
+    ('  {"verdict": "wrong"}\n', True),
+    ('{"verdict": "maybe"}', False),
+    ('{"verdict": "wrong", "extra": 1}', False),
+    ('{"verdict": "wrong"} and more', False),
     ("No, the answer is wrong.", False),
-    ('["thought", "hallucination"]', False),
+    ('["verdict", "wrong"]', False),
 ])
 def test_parse_verdict_is_strict(text, valid):
     assert (sft.parse_verdict(text) is not None) == valid
@@ -82,6 +82,8 @@ def test_parse_verdict_is_strict(text, valid):
 def test_judging_task_needs_question_and_answer():
     with pytest.raises(ValueError, match="lacks"):
         sft.judging_task([{"question": "q"}, {"question": "r", "answer": "a"}])
+    with pytest.raises(ValueError, match="verdict must be one of"):
+        sft.verdict_json("maybe")
 
 
 # --- diverse queries, cache and mix -------------------------------------------------------
@@ -145,15 +147,59 @@ def test_interrupted_cache_build_resumes_where_it_stopped(tmp_path):
     assert counter.rows == 4 and rows[:2] == kept
 
 
-def test_malformed_cache_line_is_reported_with_its_number(tmp_path):
+def test_torn_last_cache_line_is_set_aside_and_the_build_resumes(tmp_path):
+    """Issue 15 item 7: a killed run leaves half a line; the next run warns, keeps the rest, resumes."""
+    model, tokenizer = chat_model("tiny-llama")
+    path = tmp_path / "cache.jsonl"
+    sft.build_cache(model, tokenizer, queries(3), path, batch_size=3, max_new_tokens=4, progress=False)
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write('{"id": "d3", "category": "c", "que')  # torn mid-write
+    counter = CountingGenerate(model)
+    model.generate = counter
+    with pytest.warns(RuntimeWarning, match=r"cache\.jsonl:4: the last line"):
+        rows = sft.build_cache(model, tokenizer, queries(5), path, batch_size=2, max_new_tokens=4, progress=False)
+    assert counter.rows == 2 and [r["id"] for r in rows] == [q["id"] for q in queries(5)]
+    assert (tmp_path / "cache.jsonl.torn").read_text().startswith('{"id": "d3"')
+    assert len(sft.read_cache(path)) == 5
+
+
+def test_cache_row_after_a_line_without_newline_is_not_glued(tmp_path):
+    """Issue 15 item 7: a cache whose last line lacks its newline gets the next row on a line of its own."""
+    model, tokenizer = chat_model("tiny-llama")
+    path = tmp_path / "cache.jsonl"
+    good = {"id": "d0", "category": "c", "query": "q", "response": "r", "model": "tiny-llama"}
+    path.write_text(json.dumps(good), encoding="utf-8")  # no final newline
+    rows = sft.build_cache(model, tokenizer, queries(2), path, batch_size=2, max_new_tokens=4, progress=False)
+    assert rows[0] == good and len(path.read_text().splitlines()) == 2
+    assert [r["id"] for r in sft.read_cache(path)] == ["d0", "d1"]
+
+
+def test_malformed_cache_rows_are_reported(tmp_path):
     path = tmp_path / "cache.jsonl"
     good = {"id": "a", "category": "c", "query": "q", "response": "r", "model": "m"}
-    path.write_text(json.dumps(good) + "\n" + '{"id": "b", "query": \n', encoding="utf-8")
-    with pytest.raises(sft.CacheError, match=r"cache\.jsonl:2: not valid JSON"):
+    path.write_text('{"id": "b", "query": \n' + json.dumps(good) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"cache\.jsonl:1: damaged line in the middle"):
         sft.read_cache(path)
     path.write_text(json.dumps(good) + "\n\n" + json.dumps({"id": "b"}) + "\n", encoding="utf-8")
-    with pytest.raises(sft.CacheError, match=r"cache\.jsonl:3: a cache row needs"):
+    with pytest.raises(sft.CacheError, match=r"row 2 .*a cache row needs"):
         sft.read_cache(path)
+
+
+def test_batch_seeds_differ_for_anagram_ids():
+    """Issue 15: seeds were the sum of the id's character codes, so "ab" and "ba" sampled alike."""
+    assert sft.batch_seed(0, "ab") != sft.batch_seed(0, "ba")
+    assert sft.batch_seed(0, "chat-12") != sft.batch_seed(0, "chat-21")
+    assert sft.batch_seed(0, "ab") == sft.batch_seed(0, "ab") and sft.batch_seed(1, "ab") != sft.batch_seed(0, "ab")
+
+
+def test_anagram_ids_get_different_samples(tmp_path):
+    model, tokenizer = chat_model("tiny-llama")
+    same = [{"id": i, "category": "c", "query": "Tell me a story."} for i in ("ab", "ba")]
+    one = sft.build_cache(model, tokenizer, same[:1], tmp_path / "a.jsonl", batch_size=1, max_new_tokens=12,
+                          progress=False, seed=0)
+    two = sft.build_cache(model, tokenizer, same[1:], tmp_path / "b.jsonl", batch_size=1, max_new_tokens=12,
+                          progress=False, seed=0)
+    assert one[0]["response"] != two[0]["response"]
 
 
 def test_cache_of_another_model_is_refused(tmp_path):
@@ -277,22 +323,7 @@ def test_sft_needs_a_chat_template():
         sft.sft_trainer(model, tokenizer, sft.judging_task(QA_ROWS[:2]), progress=False)
 
 
-# --- scoring ------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("prediction, reference, score", [
-    ("The capital of France is Paris.", "Paris", 1.0),
-    ("paris", "Paris", 1.0),
-    ("Parisian food is good", "Paris", 0.0),
-    ("It is Kuala Lumpur, I think", "Kuala Lumpur", 1.0),
-])
-def test_qa_score_containment(prediction, reference, score):
-    assert sft.qa_score(prediction, reference) == score
-
-
-def test_qa_score_falls_back_to_token_f1():
-    score = sft.qa_score("plug it into another port", "Try plugging it into another USB port")
-    assert 0 < score < 1
+# --- the query pool -----------------------------------------------------------------------
 
 
 def test_mmlu_groups_cover_each_subject_once_and_unknown_subjects_fail():
@@ -303,131 +334,15 @@ def test_mmlu_groups_cover_each_subject_once_and_unknown_subjects_fail():
         sft.mmlu_group("astrology")
 
 
-class MarkerModel(torch.nn.Module):
-    """A fake LM that answers "C" for prompts containing a marker token and "A" otherwise."""
-
-    def __init__(self, tokenizer):
-        super().__init__()
-        self.marker = tokenizer(" zebra", add_special_tokens=False)["input_ids"][0]
-        self.a, self.c = (tokenizer(x, add_special_tokens=False)["input_ids"][0] for x in "AC")
-        self.vocab = len(tokenizer)
-
-    def forward(self, input_ids, attention_mask=None):
-        logits = torch.zeros(*input_ids.shape, self.vocab)
-        for row, ids in enumerate(input_ids):
-            logits[row, -1, self.c if (ids == self.marker).any() else self.a] = 1.0
-        return type("Out", (), {"logits": logits})()
-
-
-def test_multiple_choice_accuracy_reads_the_letter_logits_of_each_row():
-    _, tokenizer = chat_model("tiny-llama")
-    # Rows of different lengths (so batching by length reorders them), label C with the marker.
-    rows = [{"question": "word " * (7 - i) + ("the zebra" if i % 3 == 0 else "the horse"),
-             "choices": ["a", "b", "c", "d"], "label": 2 if i % 3 == 0 else 0} for i in range(8)]
-    model = MarkerModel(tokenizer)
-    assert sft.multiple_choice_accuracy(model, tokenizer, rows, batch_size=3) == 1.0
-    flipped = [{**row, "label": 2 - row["label"]} for row in rows]
-    assert sft.multiple_choice_accuracy(model, tokenizer, flipped, batch_size=3) == 0.0
-    assert tokenizer.padding_side == "left"
-
-
-def test_scorecard_runs_end_to_end_on_a_tiny_model():
-    model, tokenizer = chat_model("tiny-llama")
-    task = sft.judging_task(QA_ROWS[:4])
-    abilities = {
-        "geo": sft.Ability("geo", "qa", QA_ROWS[:3]),
-        "mc": sft.Ability("mc", "multiple_choice",
-                          [{"question": "Q", "choices": ["a", "b", "c", "d"], "label": 0}]),
-    }
-    card = sft.scorecard(model, tokenizer, task, abilities,
-                         probe_rows=sft.with_instruction(task, sft.DO_NOT_FOLLOW_FORMAT))
-    assert list(card) == ["task accuracy", "format valid", "JSON despite DO NOT", "JSON on plain questions",
-                          "geo", "mc"]
-    assert all(0.0 <= v <= 1.0 for v in card.values())
-    assert card["format valid"] == 0.0  # a random model writes no valid JSON
-    table = sft.format_table({"base": card, "other": {"geo": 0.5}})
-    assert "JSON despite DO NOT" in table.splitlines()[3] and table.count("-") >= 1
-    with pytest.raises(ValueError, match="unknown kind"):
-        sft.evaluate_abilities(model, tokenizer, {"x": sft.Ability("x", "essay", QA_ROWS[:1])})
-
-
-def test_plots_draw_one_series_per_recipe_and_category():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    results = {
-        "base": {"task accuracy": 0.0, "format valid": 0.0, "geo": 0.5, "mc": 0.25},
-        "plain": {"task accuracy": 0.6, "format valid": 1.0, "geo": 0.25, "mc": 0.25},
-        "delia": {"task accuracy": 0.5, "format valid": 0.9, "geo": 0.5, "mc": 0.5},
-    }
-    fig = sft.plot_scorecards(results)
-    left, right = fig.axes
-    assert len(left.patches) == 3 * 2  # 3 recipes x 2 task metrics
-    heights = [p.get_height() for p in right.patches]
-    assert heights == pytest.approx([-0.25, 0.0, 0.0, 0.25])  # changes vs base, per tuned recipe
-    with pytest.raises(ValueError, match="baseline"):
-        sft.plot_scorecards(results, baseline="none")
-    fig = sft.plot_scaling({0: results["base"], 8: results["plain"], 16: results["delia"]})
-    assert len(fig.axes[0].lines) == 4
-    assert list(fig.axes[0].lines[2].get_ydata()) == [0.5, 0.25, 0.5]
-
-
-def test_judging_scores_count_wrong_and_invalid_replies():
-    rows = [{"label": "yes"}, {"label": "no"}, {"label": "no"}, {"label": "yes"}]
-    replies = [
-        sft.verdict_json("t", "yes"),            # right
-        sft.verdict_json("t", "yes"),            # valid, wrong verdict
-        "no",                                     # prose: invalid, counts as wrong
-        '{"thought": "t", "hallucination": "yes"',  # JSON-looking but broken
-    ]
-    scores = sft.judging_scores(rows, replies)
-    assert scores == {"accuracy": 0.25, "format_valid": 0.5, "json_rate": 0.75}
-    with pytest.raises(ValueError, match="3 replies for 4"):
-        sft.judging_scores(rows, replies[:3])
-
-
-def test_abilities_scored_in_one_pass_go_back_to_their_categories(monkeypatch):
-    seen = []
-
-    def fake_replies(model, tokenizer, conversations, **options):
-        seen.append(len(conversations))
-        # Right answers for the geography questions only.
-        return [f"It is City{c[0]['content'].split()[-1].rstrip('?')}" if "capital" in c[0]["content"] else "?"
-                for c in conversations]
-
-    monkeypatch.setattr(sft, "generate_replies", fake_replies)
-    abilities = {"geo": sft.Ability("geo", "qa", QA_ROWS[:6]), "chem": sft.Ability("chem", "qa", QA_ROWS[6:9])}
-    scores = sft.evaluate_abilities(None, None, abilities)
-    assert scores == {"geo": 1.0, "chem": 0.0}
-    assert seen == [9]  # one batched pass over both categories
-
-
-def test_model_name_is_short_for_folders_and_hub_ids():
-    class Config:
-        name_or_path = "/home/me/.cache/llm-cpu-course/models/smollm2-135m"
-
-    class Model(torch.nn.Module):
-        config = Config()
-
-    assert sft.model_name(Model()) == "smollm2-135m"
-    Config.name_or_path = "facebook/opt-125m"
-    assert sft.model_name(Model()) == "opt-125m"
-
-
-def test_ability_suite_and_query_pool_come_from_disjoint_splits():
+def test_query_pool_and_heldout_rows_come_from_disjoint_splits():
     from companion.data import load_data
 
-    suite = sft.ability_suite(3, seed=0, max_chars=300)
-    assert list(suite) == list(sft.QA_ABILITIES) + [f"MMLU {g}" for g in sft.MMLU_GROUPS]
-    assert all(len(a.rows) == 3 for a in suite.values())
-    assert all(len(sft.multiple_choice_text(r)) <= 300 for a in suite.values() if a.kind == "multiple_choice"
-               for r in a.rows)
-    short_qa = load_data("short_qa")
-    test_ids = set(short_qa["test"]["id"]) | set(load_data("mmlu")["test"]["id"])
-    assert all(r["id"] in test_ids for a in suite.values() for r in a.rows)
     pool = sft.query_pool(max_chars=300)
     assert all(len(q["query"]) <= 300 for q in pool)
-    assert not {q["id"] for q in pool} & (test_ids | set(short_qa["validation"]["id"]))
+    short_qa = load_data("short_qa")
+    held_out = set(short_qa["validation"]["id"]) | set(short_qa["test"]["id"])
+    held_out |= {q["id"] for q in sft.kl_queries(40)} | {t["id"] for t in sft.heldout_texts(2, 10)}
+    assert not {q["id"] for q in pool} & held_out
     assert len({q["category"] for q in pool}) >= 20
 
 
@@ -441,18 +356,3 @@ def test_bad_inputs_get_clear_errors(tmp_path):
         sft.build_cache(model, tokenizer, queries(2) + queries(1), tmp_path / "c.jsonl", progress=False)
     with pytest.raises(ValueError, match="ratio must be >= 0"):
         sft.mix(sft.judging_task(QA_ROWS[:2]), cache_rows(2), -1)
-
-
-def test_scorecard_counts_json_replies_to_plain_questions(monkeypatch):
-    def fake_replies(model, tokenizer, conversations, **options):
-        text = [c[0]["content"] for c in conversations]
-        return [sft.verdict_json("t", "no") if "Proposed answer" in t
-                else ('{"thought": "x"}' if "land" in t else "Plain prose.") for t in text]
-
-    monkeypatch.setattr(sft, "generate_replies", fake_replies)
-    task = sft.judging_task(QA_ROWS[:4])
-    abilities = {"geo": sft.Ability("geo", "qa", QA_ROWS[:6]), "chem": sft.Ability("chem", "qa", QA_ROWS[6:8])}
-    card = sft.scorecard(None, None, task, abilities, probe_rows=sft.with_instruction(task, sft.DO_NOT_FOLLOW_FORMAT))
-    assert card["format valid"] == 1.0 and card["task accuracy"] == 0.5
-    assert card["JSON despite DO NOT"] == 1.0
-    assert card["JSON on plain questions"] == 6 / 8
