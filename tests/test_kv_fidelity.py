@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from companion.config import seed_everything
-from companion.kv_fidelity import (
-    ATTENTION_NAME, companion_attention, compare, evaluate, kv_bytes_per_token, prepare_prompts,
+from companion.kv import (
+    available_methods, companion_attention, compare, evaluate, kv_bytes_per_token, make_method, prepare_prompts,
 )
-from companion.kv_methods import available_methods, make_method
+from companion.kv.harness import ATTENTION_NAME
 from companion.models import load_lm
 
 ARCHS = ["tiny-llama", "tiny-opt"]
@@ -122,7 +122,8 @@ def test_compare_counts_agreement_kl_and_first_disagreement():
     logits[0, 0] = logits[1, 3] = logits[2, 2] = 5.0  # step 1 predicts 3 instead of 1
     logits[1, 1] = 4.0  # ... but has 1 second
     result = compare(logits, logits, continuation)
-    assert result == {"tokens": 3, "top1_hits": 2, "top5_hits": 3, "kl_sum": 0.0, "first_disagreement": 1}
+    assert result == {"tokens": 3, "top1_hits": 2, "top5_hits": 3, "kl_sum": 0.0, "kl_tokens": [0.0, 0.0, 0.0],
+                      "first_disagreement": 1}
     uniform = torch.zeros(3, 8)
     kl = compare(uniform, logits, continuation)["kl_sum"]
     teacher = logits.log_softmax(-1)

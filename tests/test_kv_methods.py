@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from companion.config import seed_everything
-from companion.kv_fidelity import build_cache, prefill
-from companion.kv_methods import (
-    EvictionMethod, KVConfigError, LayerKV, available_methods, fake_quantize, make_method, method_knobs,
+from companion.kv import (
+    build_cache, prefill, EvictionMethod, KVConfigError, LayerKV, available_methods, fake_quantize, make_method, method_knobs,
 )
 from companion.models import load_lm
 
@@ -46,9 +45,10 @@ def test_config_maps_onto_fields():
         ("snapkv2", {}, r"unknown method 'snapkv2'; known: full, random, streaming_llm"),
         ("snapkv", {"windw": 8}, r"method 'snapkv' has no knob 'windw'; its knobs: budget \(default 0.5\), window"),
         ("full", {"budget": 0.5}, r"method 'full' has no knob 'budget'; its knobs: none"),
-        ("h2o", {"budget": 0.0}, r"h2o: 'budget' must be a number in \(0, 1\] \(a fraction of the prompt cache\)"),
-        ("h2o", {"budget": 1.5}, r"must be a number in \(0, 1\]"),
-        ("topk", {"budget": "0.5"}, r"topk: 'budget' must be a number"),
+        ("h2o", {"budget": 0.0}, r"h2o: 'budget' must be a fraction of the prompt cache in \(0, 1\]"),
+        ("h2o", {"budget": 1.5}, r"in \(0, 1\] \(e.g. 0.25\) or a whole number of positions >= 1"),
+        ("h2o", {"budget": 0}, r"or a whole number of positions >= 1 \(e.g. 128\), got 0"),
+        ("topk", {"budget": "0.5"}, r"topk: 'budget' must be a fraction"),
         ("snapkv", {"kernel_size": 4}, r"'kernel_size' must be odd"),
         ("snapkv", {"window": 0}, r"'window' must be an integer >= 1"),
         ("quantize", {"bits": 3}, r"'bits' must be 2, 4 or 8"),

@@ -38,7 +38,7 @@ def test_book_prompts_are_exact_length_passages(tokenizer):
             {"id": "c", "title": "C", "text": "CAST\n" + "Friends, Romans, countrymen, lend me your ears.\n" * 60}]
     prompts = book_prompts(tokenizer, 2, 48, rows=rows)
     assert [len(p) for p in prompts] == [48, 48]
-    assert tokenizer.decode(prompts[1]).startswith("Friends, Romans")  # starts at a line
+    assert tokenizer.decode(prompts[1].ids).startswith("Friends, Romans")  # starts at a line
     with pytest.raises(ValueError, match="only 2 of the texts have 48 tokens"):
         book_prompts(tokenizer, 3, 48, rows=rows)
 
@@ -47,7 +47,7 @@ def test_mmlu_prompts_are_many_shot_and_end_with_a_question(tokenizer):
     rows = [_mc_row(i, "anatomy") for i in range(30)] + [_mc_row(i, "law") for i in range(30, 40)]
     prompts = mmlu_prompts(tokenizer, 2, 120, rows=rows)
     assert [len(p) for p in prompts] == [120, 120]
-    text = tokenizer.decode(prompts[0])
+    text = tokenizer.decode(prompts[0].ids)
     assert text.startswith("The following are multiple choice questions (with answers) about anatomy.")
     assert text.endswith("D. delta\nAnswer:") and text.count("Answer:") > 3
     with pytest.raises(ValueError, match="only 0 subjects have enough questions"):
@@ -70,11 +70,11 @@ def test_course_configs_load_and_cover_every_method():
         ({"method": "h2o"}, "m-h2o", r"missing required key 'model'"),
         ({"model": "m", "method": "h2o"}, "m-snapkv", r"file name must be m-h2o.json"),
         ({"model": "m", "method": "quantize", "budgets": [0.5]}, "m-quantize", r"takes no budget; remove 'budgets'"),
-        ({"model": "m", "method": "h2o", "budgets": [0.5, 2]}, "m-h2o", r"'budget' must be a number in \(0, 1\]"),
+        ({"model": "m", "method": "h2o", "budgets": [0.5, 2.5]}, "m-h2o", r"'budget' must be a fraction of the prompt cache in \(0, 1\]"),
         ({"model": "m", "method": "h2o", "method_config": {"budget": 0.5}}, "m-h2o", r"in the 'budgets' list"),
         ({"model": "m", "method": "h2o", "dtype": "float16"}, "m-h2o", r"dtype must be one of float32"),
         ({"model": "m", "method": "h2o", "max_length": "512"}, "m-h2o", r"'max_length' must be an integer, got '512'"),
-        ({"model": "m", "method": "h2o", "prompts": "wiki"}, "m-h2o", r"prompts must be one of books"),
+        ({"model": "m", "method": "h2o", "prompts": "wiki"}, "m-h2o", r"prompts must be one of suite, needle, book_qa"),
         ({"model": "m", "method": "nope"}, "m-nope", r"unknown method 'nope'"),
         ([1, 2], "m-h2o", r"expected a JSON object"),
     ],
@@ -117,8 +117,8 @@ def test_runner_writes_results_and_resumes(tmp_path, monkeypatch):
     assert (results / "results.csv").read_text().count("\n") == 5
 
     # a second run does nothing new: no model is loaded, no method evaluated
-    monkeypatch.setattr(kv, "evaluate", lambda *a, **k: pytest.fail("a finished run was run again"))
-    monkeypatch.setattr(kv, "prepare_prompts", lambda *a, **k: pytest.fail("prompts were prepared again"))
+    monkeypatch.setattr(kv.runs, "evaluate", lambda *a, **k: pytest.fail("a finished run was run again"))
+    monkeypatch.setattr(kv.runs, "prepare_prompts", lambda *a, **k: pytest.fail("prompts were prepared again"))
     assert run_configs(configs, results, progress=False) == rows
     assert len(read_results(results)) == 4
 
@@ -128,7 +128,7 @@ def test_runner_resumes_after_an_interruption(tmp_path, monkeypatch):
     configs_dir.mkdir()
     _write(configs_dir, "random", method="random", budgets=[0.25, 0.5, 0.75], prompts="mmlu")
     configs = load_run_configs(configs_dir)
-    real_evaluate, calls = kv.evaluate, []
+    real_evaluate, calls = kv.runs.evaluate, []
 
     def interrupted(*args, **kwargs):
         calls.append(args[2].budget)
@@ -136,11 +136,11 @@ def test_runner_resumes_after_an_interruption(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(kv, "evaluate", interrupted)
+    monkeypatch.setattr(kv.runs, "evaluate", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_configs(configs, results, progress=False)
     assert [r["budget"] for r in read_results(results)] == [0.25]
-    monkeypatch.setattr(kv, "evaluate", lambda *a, **k: calls.append(a[2].budget) or real_evaluate(*a, **k))
+    monkeypatch.setattr(kv.runs, "evaluate", lambda *a, **k: calls.append(a[2].budget) or real_evaluate(*a, **k))
     rows = run_configs(configs, results, progress=False)
     assert calls == [0.25, 0.5, 0.5, 0.75] and [r["budget"] for r in rows] == [0.25, 0.5, 0.75]
 
@@ -168,7 +168,7 @@ def test_command_line_and_plot(tmp_path, capsys):
 
 def test_prompts_from_the_offline_data_are_exact(tokenizer):
     prompts = kv.long_prompts(tokenizer, 3, 64, "mixed")
-    assert [len(p) for p in prompts] == [64, 64, 64] and all(p.dtype == torch.long for p in prompts)
+    assert [len(p) for p in prompts] == [64, 64, 64] and all(p.ids.dtype == torch.long for p in prompts)
     with pytest.raises(KVConfigError, match="unknown prompt source 'wiki'"):
         kv.long_prompts(tokenizer, 1, 64, "wiki")
 

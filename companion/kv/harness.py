@@ -19,26 +19,33 @@ Two paths give the same numbers (a test checks it):
 
 - the reference (``reference=True``), as the classic harness does it: prefill the prompt for
   every run, compress, then feed ``g`` one token per forward;
-- the fast path: the prefill (and the queries the scoring methods need) is computed once per
-  prompt and shared by every method and budget, and, for a method that only compresses at the
-  prefill, the whole continuation is scored in one forward pass. Methods that change the
-  cache while decoding (``method.needs_stepping``) still go token by token.
+- the fast path: the prefill (and the queries and attention sums the scoring methods need)
+  is computed once per prompt and shared by every method and budget, and, for a method that
+  only compresses at the prefill or re-scores attention (``topk``), the whole continuation is
+  scored in one forward pass. Methods that change the cache while decoding
+  (``method.needs_stepping``) still go token by token.
+
+The harness's attention hooks live in a context variable that ``companion_attention`` sets
+and resets, so they apply only inside its ``with`` block.
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .arch import num_layers, unwrap
-from .kv_methods import Full, KVMethod, LayerKV
+from ..arch import num_layers, unwrap
+from ..progress import progress as progress_bar
+from .builtin import Full
+from .methods import KVMethod, LayerKV
+from .scores import DEGENERATE, FidelityResult, compare, repetition_rate
 
 ATTENTION_NAME = "companion_kv"
 
@@ -46,20 +53,22 @@ ATTENTION_NAME = "companion_kv"
 # --- one attention function that can record queries or be replaced by a method ------------
 
 
-class _AttentionState:
+@dataclass(frozen=True)
+class _Hooks:
     capture: dict | None = None  # layer index -> (query, scaling), filled during a prefill
-    attend = None  # a method's attention override while decoding
+    attend: object = None  # a method's attention override while decoding
 
 
-_STATE = _AttentionState()
+_HOOKS: ContextVar[_Hooks] = ContextVar("companion_kv_hooks", default=_Hooks())
 
 
 def _companion_attention(module, query, key, value, attention_mask, **kwargs):
     """transformers' sdpa attention, plus two hooks the harness switches on when needed."""
-    if _STATE.capture is not None:
-        _STATE.capture[module.layer_idx] = (query, kwargs.get("scaling"))
-    if _STATE.attend is not None:
-        output = _STATE.attend(module, query, key, value, attention_mask, kwargs.get("scaling"))
+    hooks = _HOOKS.get()
+    if hooks.capture is not None:
+        hooks.capture[module.layer_idx] = (query, kwargs.get("scaling"))
+    if hooks.attend is not None:
+        output = hooks.attend(module, query, key, value, attention_mask, kwargs.get("scaling"))
         if output is not None:
             return output, None
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -76,12 +85,11 @@ def companion_attention(model, capture: dict | None = None, attend=None):
     previous = base.config._attn_implementation
     if previous != ATTENTION_NAME:
         base.set_attn_implementation(ATTENTION_NAME)
-    saved = (_STATE.capture, _STATE.attend)
-    _STATE.capture, _STATE.attend = capture, attend
+    token = _HOOKS.set(_Hooks(capture, attend))
     try:
         yield
     finally:
-        _STATE.capture, _STATE.attend = saved
+        _HOOKS.reset(token)
         if previous != ATTENTION_NAME:
             base.set_attn_implementation(previous)
 
@@ -158,6 +166,15 @@ class PromptState:
     continuation: torch.Tensor  # (n,) the full model's greedy continuation g
     step_logits: torch.Tensor  # (n, V) full model, token by token (the reference teacher)
     pass_logits: torch.Tensor  # (n, V) full model, one forward pass (the fast path's teacher)
+    kind: str = "tokens"  # the prompt's kind ("needle", "book_qa", "mmlu", ...)
+    depth: float | None = None  # needle prompts: where the fact sits (0 = start, 1 = end)
+    answer: str | None = None  # needle prompts: the text the answer must contain
+    answer_end: int | None = None  # tokens of g needed to contain the answer (None: the full model missed it)
+
+    @property
+    def repetition(self) -> float:
+        """Repetition rate of the full model's continuation (``scores.repetition_rate``)."""
+        return repetition_rate(self.continuation)
 
     @property
     def inputs(self) -> torch.Tensor:
@@ -183,9 +200,13 @@ def _check_lengths(model, prompt_ids: torch.Tensor, new_tokens: int) -> None:
 
 
 @torch.no_grad()
-def prepare_prompt(model, prompt_ids, new_tokens: int) -> PromptState:
-    """Prefill one prompt, let the full model greedily continue it, record its distributions."""
-    prompt_ids = torch.as_tensor(prompt_ids, dtype=torch.long)
+def prepare_prompt(model, prompt, new_tokens: int, tokenizer=None) -> PromptState:
+    """Prefill one prompt, let the full model greedily continue it, record its distributions.
+
+    ``prompt`` is a ``companion.kv.Prompt`` or plain token ids. For a prompt with an
+    ``answer`` (a needle), ``tokenizer`` finds how many continuation tokens contain it.
+    """
+    prompt_ids = torch.as_tensor(getattr(prompt, "ids", prompt), dtype=torch.long)
     _check_lengths(model, prompt_ids, new_tokens)
     start = len(prompt_ids) - 1
     with companion_attention(model):
@@ -204,67 +225,45 @@ def prepare_prompt(model, prompt_ids, new_tokens: int) -> PromptState:
         inputs = torch.cat([prompt_ids[-1:], continuation[:-1]])
         cache = build_cache(model, [(layer.keys, layer.values) for layer in layers])
         pass_logits = decode_one_pass(model, cache, inputs, start)
-    return PromptState(prompt_ids, layers, continuation, torch.stack(step_logits), pass_logits)
+    for layer in layers:  # H2O's score, shared by all its budgets (part of the shared prefill)
+        layer.attention_received()
+    answer = getattr(prompt, "answer", None)
+    answer_end = None
+    if answer is not None:
+        if tokenizer is None:
+            raise ValueError("a prompt with an answer (a needle) needs the tokenizer: prepare_prompts(..., tokenizer=)")
+        answer_end = _answer_end(tokenizer, continuation, answer)
+    return PromptState(prompt_ids, layers, continuation, torch.stack(step_logits), pass_logits,
+                       kind=getattr(prompt, "kind", "tokens"), depth=getattr(prompt, "depth", None),
+                       answer=answer, answer_end=answer_end)
 
 
-def prepare_prompts(model, prompts, new_tokens: int, progress: bool = True) -> list[PromptState]:
-    """``prepare_prompt`` for each prompt (lists or 1-D tensors of token ids)."""
+def _answer_end(tokenizer, continuation: torch.Tensor, answer: str) -> int | None:
+    """The fewest leading tokens of ``continuation`` whose text contains ``answer``, or None."""
+    for end in range(1, len(continuation) + 1):
+        if answer in tokenizer.decode(continuation[:end]):
+            return end
+    return None
+
+
+def prepare_prompts(model, prompts, new_tokens: int, progress: bool = True, tokenizer=None) -> list[PromptState]:
+    """``prepare_prompt`` for each prompt (``Prompt`` objects, lists or 1-D tensors of token ids)."""
     return [
-        prepare_prompt(model, prompt, new_tokens)
-        for prompt in tqdm(prompts, desc="full-model continuations", disable=not progress)
+        prepare_prompt(model, prompt, new_tokens, tokenizer)
+        for prompt in progress_bar(prompts, desc="full-model continuations", disable=not progress)
     ]
 
 
-# --- comparing with the full model --------------------------------------------------------
+def needle_correct(state: PromptState, first_disagreement: int | None) -> bool | None:
+    """Whether a compressed model still gives a needle prompt's answer (None if not scored).
 
-
-def compare(logits: torch.Tensor, teacher_logits: torch.Tensor, continuation: torch.Tensor) -> dict:
-    """Agreement of ``logits`` (n, V) with the continuation and the teacher's distributions.
-
-    The KL is computed in float64: in float32 its rounding (~1e-7 per token) would swamp the
-    tiny divergence of, say, an 8-bit cache.
+    Exact without generating again: teacher forcing feeds the full model's continuation, and a
+    greedy model whose top token agrees at every step up to ``answer_end`` generates exactly
+    those tokens, so it answers if and only if its first disagreement comes after them.
     """
-    logprobs = logits.double().log_softmax(-1)
-    teacher_logprobs = teacher_logits.double().log_softmax(-1)
-    top1 = logprobs.argmax(-1) == continuation
-    top5 = (logprobs.topk(5, dim=-1).indices == continuation[:, None]).any(-1)
-    kl = (teacher_logprobs.exp() * (teacher_logprobs - logprobs)).sum(-1).clamp(min=0.0)
-    misses = (~top1).nonzero()
-    return {
-        "tokens": len(continuation),
-        "top1_hits": int(top1.sum()),
-        "top5_hits": int(top5.sum()),
-        "kl_sum": float(kl.sum()),
-        "first_disagreement": int(misses[0]) if len(misses) else None,
-    }
-
-
-@dataclass
-class FidelityResult:
-    """A method's fidelity over a batch of prompts (token-weighted means)."""
-
-    method: str
-    config: dict
-    top1: float
-    top5: float
-    kl: float
-    first_disagreement: float  # mean over prompts; a prompt without any counts len(g)
-    tokens: int
-    cache_bytes: float  # mean compressed prompt cache
-    full_cache_bytes: float  # mean uncompressed prompt cache
-    seconds: float
-    path: str  # "one pass", "token by token" or "reference"
-    per_prompt: list[dict] = field(default_factory=list, repr=False)
-
-    @property
-    def cache_fraction(self) -> float:
-        return self.cache_bytes / self.full_cache_bytes
-
-    def as_row(self) -> dict:
-        row = asdict(self)
-        row.pop("per_prompt")
-        row["cache_fraction"] = self.cache_fraction
-        return row
+    if state.answer is None or state.answer_end is None:
+        return None
+    return first_disagreement is None or first_disagreement >= state.answer_end
 
 
 @torch.no_grad()
@@ -279,7 +278,7 @@ def evaluate(model, states: list[PromptState], method: KVMethod, reference: bool
     per_prompt, full_bytes, kept_bytes = [], [], []
     start_time = time.perf_counter()
     with companion_attention(model):
-        for state in tqdm(states, desc=method.name, disable=not progress, leave=False):
+        for state in progress_bar(states, desc=method.name, disable=not progress, leave=False):
             layers = prefill(model, state.prompt_ids) if reference else state.layers
             compressed = method.compress(layers)
             full_bytes.append(Full().cache_bytes([(layer.keys, layer.values) for layer in layers]))
@@ -292,7 +291,10 @@ def evaluate(model, states: list[PromptState], method: KVMethod, reference: bool
                 else:
                     logits = decode_one_pass(model, cache, state.inputs, state.cached_length)
             teacher = state.step_logits if stepping else state.pass_logits
-            per_prompt.append(compare(logits, teacher, state.continuation))
+            scored = compare(logits, teacher, state.continuation)
+            scored.update(kind=state.kind, depth=state.depth, degenerate=state.repetition > DEGENERATE,
+                          needle_correct=needle_correct(state, scored["first_disagreement"]))
+            per_prompt.append(scored)
     seconds = time.perf_counter() - start_time
     tokens = sum(p["tokens"] for p in per_prompt)
     firsts = [p["tokens"] if p["first_disagreement"] is None else p["first_disagreement"] for p in per_prompt]
@@ -312,10 +314,15 @@ def evaluate(model, states: list[PromptState], method: KVMethod, reference: bool
     )
 
 
+def head_dim(model) -> int:
+    """Channels per key/value head."""
+    config = unwrap(model).config
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def kv_bytes_per_token(model) -> int:
     """Bytes one token adds to the (uncompressed) KV cache: 2 x layers x kv heads x head dim."""
     config = unwrap(model).config
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     element = next(unwrap(model).parameters()).element_size()
-    return 2 * num_layers(model) * heads * head_dim * element
+    return 2 * num_layers(model) * heads * head_dim(model) * element
