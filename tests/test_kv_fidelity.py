@@ -77,13 +77,20 @@ def test_rolling_window_at_full_budget_evicts_once_decoding_passes_it(bench):
     assert rolling.kl > 0.0
 
 
-@pytest.mark.parametrize("name", PREFILL_ONLY + ["quantize"])
+@pytest.mark.parametrize("name", available_methods() + ["streaming_llm-rolling", "topk-tokens"])
 def test_fast_path_gives_the_reference_loops_numbers(bench, name):
+    """Every registered method (and the rolling window, and a budget in tokens): same numbers."""
     model, states = bench
-    method = _method(name)
+    if name == "streaming_llm-rolling":
+        method = make_method("streaming_llm", {"rolling": True}, budget=0.5)
+    elif name == "topk-tokens":
+        method = make_method("topk", budget=5)
+    else:
+        method = _method(name)
     fast = evaluate(model, states, method)
     slow = evaluate(model, states, method, reference=True)
-    assert (fast.path, slow.path) == ("one pass", "reference")
+    expected = "token by token" if method.needs_stepping else "one pass"
+    assert (fast.path, slow.path) == (expected, "reference")
     for mine, theirs in zip(fast.per_prompt, slow.per_prompt):
         assert mine["top1_hits"] == theirs["top1_hits"]
         assert mine["top5_hits"] == theirs["top5_hits"]

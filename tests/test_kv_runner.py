@@ -1,6 +1,8 @@
 """Long prompts, run configs and the resumable batch runner of chapter 4."""
 
 import json
+import subprocess
+import sys
 
 import matplotlib
 import pytest
@@ -188,3 +190,107 @@ def test_runner_reuses_prepared_prompts_only_if_they_match(tmp_path):
         run_configs([config], tmp_path / "c", model=model, tokenizer=tokenizer, states=states[:1], progress=False)
     with pytest.raises(KVConfigError, match="need the model they were prepared with"):
         run_configs([config], tmp_path / "d", states=states, progress=False)
+
+
+# --- bad input (issue 15): each of these was silent or a deep traceback before -----------------
+
+
+def test_runner_refuses_a_model_the_configs_do_not_name(tmp_path):  # issue 15, item 1
+    from companion.models import load_lm
+
+    model, tokenizer = load_lm("tiny-llama")
+    config = run_config_from_dict({"model": "tiny-opt", "method": "full"}, "tiny-opt-full")
+    with pytest.raises(KVConfigError, match=r"the configs are for 'tiny-opt' but the model passed is 'tiny-llama'; "
+                                            r"use load_run_configs\(folder, model='tiny-llama'\)"):
+        run_configs([config], tmp_path, model=model, tokenizer=tokenizer, progress=False)
+    assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_retargeting_that_makes_two_configs_collide_is_an_error(tmp_path):  # issue 15, item 4
+    (tmp_path / "a-h2o.json").write_text(json.dumps({"model": "a", "method": "h2o"}))
+    (tmp_path / "b-h2o.json").write_text(json.dumps({"model": "b", "method": "h2o", "budgets": [0.1]}))
+    assert len(load_run_configs(tmp_path)) == 2
+    with pytest.raises(KVConfigError, match=r"a-h2o.json and .*b-h2o.json both become run 'c-h2o' on model 'c'"):
+        load_run_configs(tmp_path, model="c")
+
+
+def test_a_torn_results_line_is_set_aside_and_the_run_resumes(tmp_path):  # issue 15, item 7
+    configs_dir, results = tmp_path / "configs", tmp_path / "results"
+    configs_dir.mkdir()
+    _write(configs_dir, "key_norm", method="key_norm", budgets=[0.25, 0.5], prompts="mmlu")
+    configs = load_run_configs(configs_dir)
+    rows = run_configs(configs, results, progress=False)
+    path = results / "results.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text(lines[0] + "\n" + lines[1][:40])  # killed while writing the second row
+    with pytest.warns(RuntimeWarning, match=r"results.jsonl:2: the last line of the KV results file was cut off"):
+        again = run_configs(configs, results, progress=False)
+    assert [r["top1"] for r in again] == [r["top1"] for r in rows]
+    assert (results / "results.jsonl.torn").exists() and len(read_results(results)) == 2
+
+
+def test_two_runners_on_one_results_folder_take_turns(tmp_path, capsys):  # issue 15, item 8
+    import threading
+    import time
+
+    from companion.records import locked
+
+    configs_dir, results = tmp_path / "configs", tmp_path / "results"
+    configs_dir.mkdir()
+    _write(configs_dir, "full", method="full", prompts="mmlu")
+    holding, release = threading.Event(), threading.Event()
+
+    def other_runner():
+        with locked(results):
+            holding.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=other_runner)
+    thread.start()
+    holding.wait(10)
+    threading.Timer(0.5, release.set).start()
+    start = time.perf_counter()
+    rows = run_configs(load_run_configs(configs_dir), results, progress=False)
+    thread.join()
+    assert time.perf_counter() - start >= 0.5 and len(rows) == 1
+    assert "another run is writing to" in capsys.readouterr().err
+
+
+def test_config_errors_name_the_file(tmp_path):  # issue 15, item 11
+    path = tmp_path / "tiny-llama-h2o.json"
+    path.write_text(json.dumps({"model": "tiny-llama", "method": "h2o", "method_config": {"windw": 3}}))
+    with pytest.raises(KVConfigError, match=r"tiny-llama-h2o.json: method 'h2o' has no knob 'windw'"):
+        load_run_config(path)
+    path.write_text(json.dumps({"model": "tiny-llama", "method": "h2o", "budgets": [0.5, 1.5]}))
+    with pytest.raises(KVConfigError, match=r"tiny-llama-h2o.json: h2o: 'budget' must be a fraction"):
+        load_run_config(path)
+
+
+def test_a_group_size_that_does_not_divide_the_head_size_fails_before_any_row(tmp_path, monkeypatch):  # item 11
+    configs_dir = tmp_path / "configs"
+    configs_dir.mkdir()
+    _write(configs_dir, "full", method="full")
+    _write(configs_dir, "quantize-4bit", method="quantize", method_config={"bits": 4, "group_size": 12})
+    configs = load_run_configs(configs_dir)  # the file alone is fine: the head size is the model's
+    monkeypatch.setattr(kv.runs, "evaluate", lambda *a, **k: pytest.fail("a row was computed"))
+    with pytest.raises(KVConfigError, match=r"tiny-llama-quantize-4bit.json: quantize: group_size 12 does not "
+                                            r"divide the model's head size 16; use one of \[8, 16\]"):
+        run_configs(configs, tmp_path / "results", progress=False)
+    assert read_results(tmp_path / "results") == []
+
+
+def test_command_line_errors_are_one_line(tmp_path, capsys):  # python -m companion.kv through companion.cli
+    from companion import cli
+
+    assert cli.run(kv.main, ["run", str(tmp_path / "missing.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: run config ") and "missing.json does not exist" in err and err.count("\n") == 1
+    (tmp_path / "a-h2o.json").write_text(json.dumps({"model": "a", "method": "h2o"}))
+    (tmp_path / "b-h2o.json").write_text(json.dumps({"model": "b", "method": "h2o"}))
+    assert cli.run(kv.main, ["run", str(tmp_path), "--model", "c"]) == 2
+    assert "both become run 'c-h2o'" in capsys.readouterr().err
+    with pytest.raises(KVConfigError):
+        cli.run(kv.main, ["run", str(tmp_path), "--model", "c", "--debug"])
+    done = subprocess.run([sys.executable, "-m", "companion.kv", "run", str(tmp_path / "missing.json")],
+                          capture_output=True, text=True, cwd=REPO_ROOT)
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
