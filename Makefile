@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.course-setup
 
-.PHONY: setup course test unit notebooks lab bench clean
+.PHONY: setup course test unit notebooks lab chat bench clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,11 @@ notebooks: setup
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/
+
+# Chat in the terminal with the default model; pass options with ARGS, e.g.
+# make chat ARGS="--delta ch1/lora"   or   make chat ARGS=--web
+chat: setup
+	$(PY) -m companion.chat $(ARGS)
 
 bench: setup
 	$(PY) benchmarks/notebook_times.py

@@ -39,8 +39,17 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] 
 fi
 "$PY" -c "import torch, sys; sys.exit('error: a CUDA build of torch is installed in $VENV; delete $VENV and run make setup again' if torch.version.cuda else 0)"
 
-echo "==> installing the companion package and its dependencies"
-pip_install -e ".[test]"
+echo "==> installing the companion package and its dependencies (with the test and web extras)"
+pip_install -e ".[test,web]"
+# The web chat's browser test needs a Chromium. As root with apt (CI), install Debian's
+# chromium and its driver if missing; elsewhere the test says how and is skipped.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "==> installing Debian's chromium and chromium-driver (for the web chat's browser test)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+      || echo "note: could not install chromium with apt; the browser test will be skipped" >&2
+  fi
+fi
 echo "==> installing packages whose declared dependencies are broken (--no-deps)"
 pip_install --no-deps -r requirements-nodeps.txt
 

@@ -89,9 +89,12 @@ def build_app(shelf: ModelShelf, initial: str | None = None):
     initial = initial or labels[0]
 
     def respond(message, history, choice) -> Iterator[str]:
-        conversation = [{"role": m["role"], "content": _text(m.get("content"))}
+        text = _text(message).strip()
+        if not text:
+            raise gr.Error("type a message first")
+        conversation = [{"role": m["role"], "content": _text(m.get("content")).strip()}
                         for m in history or [] if m.get("role") in ("user", "assistant")]
-        conversation.append({"role": "user", "content": _text(message)})
+        conversation.append({"role": "user", "content": text})
         yield from shelf.assistant(choice).stream(conversation)
 
     with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
