@@ -223,8 +223,9 @@ def test_chat_command_through_standard_input():
     assert "(conversation forgotten" in result.stdout
 
 
-def save_tiny_delta(folder, *, new_token: str | None = None, seed: int = 1):
-    """Save a small LoRA delta on tiny-llama (with ``new_token`` and its trained row when given).
+def save_tiny_delta(folder, *, new_token: str | None = None, seed: int = 1, tokenizer_by_hand: bool = False):
+    """Save a small LoRA delta on tiny-llama (with ``new_token`` and its trained row when given;
+    its tokenizer goes through ``save_delta``, or ``tokenizer_by_hand`` with ``save_pretrained``).
 
     The LoRA matrices are set to random values, so the delta really changes the replies.
     Returns the tokenizer's id of ``new_token`` (or None) and the model with the delta.
@@ -242,7 +243,9 @@ def save_tiny_delta(folder, *, new_token: str | None = None, seed: int = 1):
         for name, parameter in tuned.named_parameters():
             if parameter.requires_grad:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-    save_delta(tuned, folder, tokenizer=tokenizer if new_token else None)
+    save_delta(tuned, folder, tokenizer=tokenizer if new_token and not tokenizer_by_hand else None)
+    if tokenizer_by_hand:
+        tokenizer.save_pretrained(folder)
     return token_id, tuned
 
 
@@ -262,6 +265,11 @@ def test_open_model_finds_deltas_at_any_depth_with_their_new_token(tmp_path):
     assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
     by_path, _, _ = open_model(root / "ch1" / "lora")
     assert by_path.peft_config["default"].r == 2
+    # a tokenizer saved beside the delta by hand (tokenizer.save_pretrained(folder)) is used too
+    sep_id, tuned = save_tiny_delta(tmp_path / "by_hand", new_token="<sep>", tokenizer_by_hand=True, seed=2)
+    model, tokenizer, _ = open_model(tmp_path / "by_hand")
+    assert tokenizer.convert_tokens_to_ids("<sep>") == sep_id
+    assert torch.allclose(model(ids).logits, tuned.eval()(ids).logits, atol=1e-5)
 
 
 def test_chat_command_errors_are_one_line(tmp_path, capsys):

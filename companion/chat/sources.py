@@ -60,10 +60,32 @@ def open_model(delta: str | Path | None = None, model: str | None = None, root: 
     path = resolve_delta(delta, root)
     info = delta_info(path)  # a clear error for a folder save_delta did not write
     base, tokenizer = load_lm(model or info["backbone"]["name"])
+    if has_own_tokenizer(path, info):
+        tokenizer = load_delta_tokenizer(path) if info.get("tokenizer") else _saved_tokenizer(path)
+        rows = int(base.get_input_embeddings().weight.shape[0])
+        wanted = int(info["backbone"]["vocab_size"])
+        if wanted > rows and len(tokenizer) > rows:  # room for the new tokens' rows, as save_delta notes
+            base.resize_token_embeddings(wanted)
     tuned = load_delta(path, base)
-    if info.get("tokenizer"):
-        tokenizer = load_delta_tokenizer(path)
     return tuned, tokenizer, f"{info['backbone']['name']} + delta {_shown(path)}"
+
+
+TOKENIZER_FILE = "tokenizer_config.json"
+
+
+def has_own_tokenizer(path: Path, info: dict) -> bool:
+    """Whether a tokenizer was saved beside the delta (by ``save_delta(..., tokenizer=)`` or by hand)."""
+    return bool(info.get("tokenizer")) or (Path(path) / TOKENIZER_FILE).exists()
+
+
+def _saved_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
 
 
 def _shown(path: Path) -> str:
