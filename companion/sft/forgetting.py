@@ -37,9 +37,10 @@ def continuation_logits(model, prompt_ids: Sequence[int], target_ids: Sequence[i
     With no prompt, the first target token is the context and is not predicted.
     """
     ids = torch.tensor([list(prompt_ids) + list(target_ids)])
-    logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
     start = max(len(prompt_ids), 1) - 1
-    return logits[start:]
+    # only the positions that predict a target token (and the last one, dropped) reach the head
+    logits = model(input_ids=ids, use_cache=False, logits_to_keep=ids.shape[1] - start).logits[0, :-1]
+    return logits.float()
 
 
 def _base_of(model, base):
