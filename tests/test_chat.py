@@ -5,6 +5,7 @@ import io
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -181,6 +182,28 @@ def test_streamed_reply_grows_to_the_batched_reply(tiny_llama):
     assert len(pieces) > 1  # it streams, not one block at the end
     assert all(later.startswith(earlier) for earlier, later in zip(pieces, pieces[1:]))
     assert pieces[-1] == generate_replies(model, tokenizer, [conversation], max_new_tokens=10)[0]
+
+
+def test_closing_a_stream_early_stops_the_generation(tiny_llama):
+    model, tokenizer = tiny_llama
+    conversation = [{"role": "user", "content": "Tell me about rivers"}]
+    steps = []
+    hook = model.register_forward_hook(lambda *args: steps.append(1))
+    try:
+        stream = stream_reply(model, tokenizer, conversation, max_new_tokens=300)
+        first = next(stream)
+        stream.close()  # the web user pressed Stop
+        stopped_after = len(steps)
+        assert first and not any(t.name == "chat-generate" for t in threading.enumerate())
+        steps.clear()
+        assert len(list(stream_reply(model, tokenizer, conversation, max_new_tokens=300))[-1].split()) > 100
+        assert stopped_after < len(steps) == 300  # uninterrupted, it makes all 300 steps
+    finally:
+        hook.remove()
+    assert model.training is False
+    # the model still answers normally afterwards
+    again = list(stream_reply(model, tokenizer, conversation, max_new_tokens=10))
+    assert again[-1] == generate_replies(model, tokenizer, [conversation], max_new_tokens=10)[0]
 
 
 def test_generation_settings_are_checked_before_generating(tiny_llama):

@@ -170,9 +170,17 @@ def stream_reply(
 
     The same generation as ``generate_replies`` for one conversation (the last item equals
     its reply); ``generate`` runs in a worker thread and transformers' ``TextIteratorStreamer``
-    hands over the decoded text. An error in the worker is raised here.
+    hands over the decoded text. An error in the worker is raised here. Closing the generator
+    early (a web user pressing Stop) stops the generation at the next token.
     """
-    from transformers import TextIteratorStreamer
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+    class StopWhenAsked(StoppingCriteria):
+        def __init__(self):
+            self.asked = threading.Event()
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), self.asked.is_set(), dtype=torch.bool)
 
     check_options(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                   repetition_penalty=repetition_penalty)
@@ -181,11 +189,13 @@ def stream_reply(
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
     settings = _generate_settings(tokenizer, max_new_tokens, do_sample, temperature, top_p, repetition_penalty)
     failure: list[BaseException] = []
+    stop = StopWhenAsked()
 
     def work():
         try:
             with torch.no_grad():  # no_grad is per thread: set it in the worker
-                model.generate(**encoded, streamer=streamer, **settings)
+                model.generate(**encoded, streamer=streamer, stopping_criteria=StoppingCriteriaList([stop]),
+                               **settings)
         except BaseException as error:  # handed to the caller below
             failure.append(error)
             streamer.end()
@@ -201,6 +211,7 @@ def stream_reply(
             if text.strip():
                 yield text.strip()
     finally:
+        stop.asked.set()  # no-op when generation is done; otherwise the caller stopped reading
         worker.join()
         model.train(was_training)
     if failure:
