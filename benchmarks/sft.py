@@ -1,68 +1,92 @@
-"""Self-sampling speed (batched vs one query at a time) and SFT training speed on this CPU.
+"""Chapter 3's recipes on this CPU: task accuracy, forgetting and training cost per recipe.
 
-    COURSE_THREADS=1 python benchmarks/sft.py      # the default model (COURSE_MODEL)
-    python benchmarks/sft.py --queries 32 --batch-size 16 --steps 8
+    COURSE_THREADS=1 python benchmarks/sft.py                     # the default model, small sizes
+    python benchmarks/sft.py --rows 104 --steps 13 --eval-rows 200 --recipes plain,delia1,delia4,kl1
 
-Prints generated tokens/s for self-sampling one query at a time and in batches of
-``--batch-size``, their ratio, and the real (non-padding) tokens/s of LoRA SFT on the
-chapter's task rows. The cache files are written to a temporary folder and thrown away.
-On a 2-core machine shared with other jobs, generation with 2 torch threads can be many
-times slower than with 1 (threads wait on each other); compare COURSE_THREADS=1 and 2.
+Trains each recipe (``companion.sft.train_recipe``: the same task batches for all, DELIA's
+self-sampled rows or KL replay on top) and prints, per recipe, held-out task accuracy
+(label-token logits), forgetting (a) KL(base || tuned) along the base model's own answers and
+(b) the cross-entropy increase on held-out human text, each with a 95% interval, plus seconds
+per training step. Self-samples and base answers come from the course cache (built if missing).
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
-import time
-from pathlib import Path
 
-from companion import sft
+from companion import cli, sft, stats
 from companion.config import get_settings, seed_everything
 from companion.data import load_data
 from companion.models import load_lm
 
+RECIPES = {  # name: (self-sampled rows per task row, replay loss)
+    "plain": (0, "ce"), "delia1": (1, "ce"), "delia2": (2, "ce"), "delia4": (4, "ce"),
+    "kl1": (1, "kl"), "kl2": (2, "kl"),
+}
 
-def sampling_speed(model, tokenizer, queries, batch_size: int, max_new_tokens: int) -> float:
-    """Generated tokens per second when building a fresh cache of ``queries``."""
-    with tempfile.TemporaryDirectory() as folder:
-        start = time.perf_counter()
-        rows = sft.build_cache(model, tokenizer, queries, Path(folder) / "cache.jsonl",
-                               batch_size=batch_size, max_new_tokens=max_new_tokens, progress=False)
-        seconds = time.perf_counter() - start
-    tokens = sum(len(tokenizer(r["response"], add_special_tokens=False)["input_ids"]) for r in rows)
-    return tokens / seconds
+
+def recipe_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown or not names:
+        raise ValueError(f"unknown recipe(s) {unknown or text!r}; known: {', '.join(RECIPES)}")
+    return names
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--queries", type=int, default=16, help="diverse queries to sample")
-    parser.add_argument("--batch-size", type=int, default=8, help="batch size of the batched run")
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--steps", type=int, default=4, help="SFT steps to time")
-    parser.add_argument("--train-batch-size", type=int, default=4)
+    parser.add_argument("--rows", type=int, default=32, help="task rows to train on")
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps (of --batch-size task rows)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--eval-rows", type=int, default=40, help="held-out task rows (label logits)")
+    parser.add_argument("--kl-queries", type=int, default=8, help="held-out queries for forgetting (a)")
+    parser.add_argument("--texts", type=int, default=4, help="book passages and chat answers for (b), each")
+    parser.add_argument("--diverse", type=int, default=32, help="self-sampled answers in the cache")
+    parser.add_argument("--recipes", type=recipe_list, default=recipe_list("plain,delia1,kl1"),
+                        help=f"comma-separated, from {', '.join(RECIPES)}")
+    cli.add_debug_flag(parser)
     args = parser.parse_args(argv)
+    if args.rows < 2 or args.eval_rows < 2:
+        raise ValueError("--rows and --eval-rows must be at least 2 (wrong answers come from other rows)")
 
     settings = get_settings()
     seed_everything()
     model, tokenizer = load_lm()
     print(f"model {settings.model}, {settings.threads} thread(s)")
-    queries = sft.diverse_queries(args.queries, seed=0)
-
-    single = sampling_speed(model, tokenizer, queries, 1, args.max_new_tokens)
-    batched = sampling_speed(model, tokenizer, queries, args.batch_size, args.max_new_tokens)
-    print(f"self-sampling, one query at a time: {single:7.1f} tokens/s")
-    print(f"self-sampling, batches of {args.batch_size:<3d}      : {batched:7.1f} tokens/s "
-          f"({batched / single:.1f}x)")
-
-    sep = sft.add_special_token(model, tokenizer, init_text="JSON format")
-    rows = sft.judging_task(load_data("short_qa")["train"], seed=0)[: args.steps * args.train_batch_size]
-    run = sft.train_sft(model, tokenizer, rows, num_steps=args.steps, batch_size=args.train_batch_size,
-                        trainable_tokens=[sep], progress=False)
-    print(f"LoRA SFT, batch {args.train_batch_size}: {run.tokens_per_second:7.1f} tokens/s "
-          f"({run.seconds / run.steps:.2f} s/step, {run.tokens} tokens in {run.steps} steps)")
+    cache = sft.build_cache(model, tokenizer, sft.diverse_queries(args.diverse, seed=settings.seed),
+                            max_new_tokens=32, progress=False)
+    base_answers = sft.build_cache(model, tokenizer, sft.kl_queries(args.kl_queries, seed=settings.seed),
+                                   greedy=True, max_new_tokens=48, progress=False)
+    sep = sft.add_special_token(model, tokenizer)
+    short_qa = load_data("short_qa")
+    train = short_qa["train"]
+    if args.rows + args.eval_rows > len(train) + len(short_qa["validation"]):
+        raise ValueError(f"--rows + --eval-rows must be at most {len(train) + len(short_qa['validation'])}")
+    task = sft.judging_task(train.select(range(args.rows)), seed=settings.seed)
+    held_out = list(train.select(range(args.rows, len(train)))) + list(short_qa["validation"])
+    suite = sft.EvalSuite(task_rows=sft.judging_task(held_out, seed=settings.seed + 1)[:args.eval_rows],
+                          format_rows=[], kl_rows=base_answers,
+                          texts=sft.heldout_texts(args.texts, args.texts, seed=settings.seed),
+                          qa_rows=list(short_qa["test"].select(range(4))))
+    results = {"base": sft.evaluate(model, tokenizer, suite, is_base=True)}
+    seconds = {}
+    for name in args.recipes:
+        ratio, replay = RECIPES[name]
+        run = sft.train_recipe(model, tokenizer, task, cache, ratio=ratio, replay=replay, steps=args.steps,
+                               batch_size=args.batch_size, lr=args.lr, trainable_tokens=[sep], progress=False)
+        seconds[name] = run.seconds / run.steps
+        results[name] = sft.evaluate(run.model, tokenizer, suite)
+    summary = sft.summarize(results)
+    print(f"{'recipe':8s} {'task accuracy':>22s} {'KL to base (a)':>24s} {'CE increase (b)':>26s} {'s/step':>7s}")
+    for name, row in summary.items():
+        cells = [f"{row[m].mean:.3f} [{row[m].low:.3f}, {row[m].high:.3f}]"
+                 for m in ("task accuracy", "KL to base", "CE increase")]
+        print(f"{name:8s} {cells[0]:>22s} {cells[1]:>24s} {cells[2]:>26s} {seconds.get(name, 0.0):7.1f}")
+    print(f"n: {summary['base']['task accuracy'].n} task rows, {len(base_answers)} KL queries, "
+          f"{len(suite.texts)} texts")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli.run(main))

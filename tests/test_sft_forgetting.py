@@ -177,3 +177,17 @@ def test_summary_pairs_task_gain_and_plots_error_bars():
     assert len(fig.axes) == 2
     with pytest.raises(ValueError, match="base"):
         sft.summarize({"plain SFT": tuned})
+
+
+def test_evaluate_scores_every_measure_per_item_on_a_tiny_model():
+    model, tokenizer = chat_model("tiny-llama")
+    task = sft.judging_task(QA_ROWS)
+    suite = sft.EvalSuite(task_rows=task, format_rows=task[:2], kl_rows=kl_rows(2),
+                          texts=[{"text": "A short passage of plain text here."}], qa_rows=QA_ROWS[:3])
+    with pytest.raises(ValueError, match="base model first"):
+        sft.evaluate(model, tokenizer, suite)
+    base = sft.evaluate(model, tokenizer, suite, is_base=True)
+    assert {k: len(v) for k, v in base.items()} == {
+        "task accuracy": 12, "KL to base": 2, "text CE": 1, "QA": 3, "JSON on plain questions": 3,
+        "format valid": 2, "CE increase": 1}
+    assert base["CE increase"] == [0.0] and base["format valid"] == [0.0, 0.0]

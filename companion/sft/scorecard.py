@@ -34,12 +34,14 @@ def evaluate(model, tokenizer, suite: EvalSuite, *, is_base: bool = False, batch
     replies = qa_replies(model, tokenizer, suite.qa_rows, batch_size=batch_size)
     scores = {
         "task accuracy": verdict_accuracy(model, tokenizer, suite.task_rows, batch_size=batch_size),
-        "format valid": format_validity(format_replies(model, tokenizer, suite.format_rows, batch_size=batch_size)),
         "KL to base": [0.0] * len(suite.kl_rows) if is_base else forgetting_kl(model, tokenizer, suite.kl_rows),
         "text CE": text_cross_entropy(model, tokenizer, suite.texts),
         "QA": qa_correct(replies, suite.qa_rows),
         "JSON on plain questions": json_leakage(replies),
     }
+    if suite.format_rows:
+        replies = format_replies(model, tokenizer, suite.format_rows, batch_size=batch_size)
+        scores["format valid"] = format_validity(replies)
     if is_base:
         suite.base_ce = list(scores["text CE"])
     if not suite.base_ce:
@@ -71,6 +73,8 @@ def table_rows(summary: Mapping[str, Mapping[str, stats.Estimate]], metrics: Seq
     for name, row in summary.items():
         cells = {"recipe": name}
         for metric in metrics:
+            if metric not in row:
+                continue
             e = row[metric]
             cells[metric] = f"{e.mean:.{digits}f} [{e.low:.{digits}f}, {e.high:.{digits}f}]"
         cells["n (task/KL/text)"] = f"{row['task accuracy'].n}/{row['KL to base'].n}/{row['text CE'].n}"
