@@ -64,8 +64,10 @@ def open_model(delta: str | Path | None = None, model: str | None = None, root: 
         tokenizer = load_delta_tokenizer(path) if info.get("tokenizer") else _saved_tokenizer(path)
         rows = int(base.get_input_embeddings().weight.shape[0])
         wanted = int(info["backbone"]["vocab_size"])
-        if wanted > rows and len(tokenizer) > rows:  # room for the new tokens' rows, as save_delta notes
-            base.resize_token_embeddings(wanted)
+        if wanted > rows and len(tokenizer) > rows:
+            # Room for the new tokens' rows; the delta brings their trained values, so the
+            # placeholder rows need no (slow, chatty) mean-and-covariance initialisation.
+            base.resize_token_embeddings(wanted, mean_resizing=False)
     tuned = load_delta(path, base)
     return tuned, tokenizer, f"{info['backbone']['name']} + delta {_shown(path)}"
 
