@@ -311,3 +311,10 @@ def test_chat_command_errors_are_one_line(tmp_path, capsys):
         assert err.startswith("error: ") and expected in err and err.count("\n") == 1, (argv, err)
     with pytest.raises(ValueError, match="top_p"):
         cli.run(main, ["--top-p", "2", "--debug"])
+
+
+def test_web_chat_without_gradio_names_the_extra(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as if the web extra were not installed
+    assert cli.run(main, ["--web", "--model", "tiny-llama"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the web chat needs gradio") and "pip install -e '.[web]'" in err

@@ -21,13 +21,17 @@ HOST = "127.0.0.1"  # loopback only: a workshop laptop's chat is not served to t
 TITLE = "Chat with what you tuned"
 
 
+class WebExtraMissing(ModuleNotFoundError, LookupError):
+    """Gradio is not installed (a LookupError too, so the command line prints one error line)."""
+
+
 def import_gradio():
     """The ``gradio`` module, or an error naming the install command."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home
     try:
         import gradio
     except ModuleNotFoundError:
-        raise ModuleNotFoundError(
+        raise WebExtraMissing(
             "the web chat needs gradio, an optional extra: pip install -e '.[web]' "
             "(or use the terminal chat: python -m companion.chat)"
         ) from None
