@@ -107,6 +107,9 @@ def test_web_chat_in_a_headless_browser(server, tmp_path):
     options.binary_location = chromium
     for flag in CHROMIUM_FLAGS + (f"--user-data-dir={tmp_path / 'profile'}",):
         options.add_argument(flag)
+    # Before the page asks: building a tiny model seeds torch's global generator, so two
+    # builds at once (here and in the server's thread) could get each other's numbers.
+    expected = expected_reply(None, "Hello there")
     browser = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
     try:
         browser.set_page_load_timeout(TIMEOUT)
@@ -125,7 +128,6 @@ def test_web_chat_in_a_headless_browser(server, tmp_path):
             except TimeoutException:
                 continue
         assert browser.find_element(By.CSS_SELECTOR, '[data-testid="user"]').text.strip() == "Hello there"
-        expected = expected_reply(None, "Hello there")
         def bot_texts(page):
             return [e.text.strip() for e in page.find_elements(By.CSS_SELECTOR, '[data-testid="bot"]')]
 

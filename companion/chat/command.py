@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from .. import cli
 from ..config import get_settings, seed_everything
 from .assistant import IDENTITY_FILE, Assistant, check_options, read_identity
-from .sources import DELTAS_ROOT, _shown, open_model
+from .sources import DELTAS_ROOT, shown_path, open_model
 
 
 def parser() -> argparse.ArgumentParser:
@@ -33,7 +33,7 @@ def parser() -> argparse.ArgumentParser:
                                       "(e.g. ch1/lora); default: the base model")
     what.add_argument("--model", help="base model (default: COURSE_MODEL, or the backbone the delta names)")
     what.add_argument("--identity", metavar="FILE", default=str(IDENTITY_FILE),
-                      help=f"file with the identity line (default: {_shown(IDENTITY_FILE)})")
+                      help=f"file with the identity line (default: {shown_path(IDENTITY_FILE)})")
     what.add_argument("--no-identity", action="store_true", help="no identity line: the chat template's default")
     sampling = parser.add_argument_group("generation")
     sampling.add_argument("--max-new-tokens", type=int, default=128, help="longest reply in tokens (default 128)")
@@ -47,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
     web.add_argument("--web", action="store_true", help="serve a web chat on 127.0.0.1 instead (needs the web extra)")
     web.add_argument("--port", type=int, help="port of the web chat (default: the first free one from 7860)")
     web.add_argument("--deltas-dir", default=str(DELTAS_ROOT),
-                     help=f"where the web chat's dropdown looks for deltas (default: {_shown(DELTAS_ROOT)})")
+                     help=f"where the web chat's dropdown looks for deltas (default: {shown_path(DELTAS_ROOT)})")
     cli.add_debug_flag(parser)
     return parser
 

@@ -39,9 +39,9 @@ def resolve_delta(delta: str | Path, root: str | Path | None = None) -> Path:
     if str(delta) in known:
         return known[str(delta)]
     where = Path(DELTAS_ROOT if root is None else root)
-    listed = ", ".join(known) if known else f"none yet (run notebook 01 or 03 to save one under {_shown(where)})"
+    listed = ", ".join(known) if known else f"none yet (run notebook 01 or 03 to save one under {shown_path(where)})"
     raise FileNotFoundError(f"no saved delta {str(delta)!r}: not a folder, and not a delta name under "
-                            f"{_shown(where)}; saved deltas: {listed}")
+                            f"{shown_path(where)}; saved deltas: {listed}")
 
 
 def open_model(delta: str | Path | None = None, model: str | None = None, root: str | Path | None = None):
@@ -69,7 +69,7 @@ def open_model(delta: str | Path | None = None, model: str | None = None, root: 
             # placeholder rows need no (slow, chatty) mean-and-covariance initialisation.
             base.resize_token_embeddings(wanted, mean_resizing=False)
     tuned = load_delta(path, base)
-    return tuned, tokenizer, f"{info['backbone']['name']} + delta {_shown(path)}"
+    return tuned, tokenizer, f"{info['backbone']['name']} + delta {shown_path(path)}"
 
 
 TOKENIZER_FILE = "tokenizer_config.json"
@@ -90,7 +90,7 @@ def _saved_tokenizer(path: Path):
     return tokenizer
 
 
-def _shown(path: Path) -> str:
+def shown_path(path: Path) -> str:
     """``path`` relative to the repository when inside it (no machine paths in messages)."""
     try:
         return Path(path).resolve().relative_to(REPO_ROOT).as_posix()

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from .assistant import Assistant
-from .sources import BASE_CHOICE, _shown, find_deltas, open_model
+from .sources import BASE_CHOICE, shown_path, find_deltas, open_model
 
 HOST = "127.0.0.1"  # loopback only: a workshop laptop's chat is not served to the network
 TITLE = "Chat with what you tuned"
@@ -71,7 +71,7 @@ def model_choices(base_model: str, deltas_root: str | Path | None = None,
         choices[f"delta: {name}"] = folder
     if extra_delta is not None and Path(extra_delta).resolve() not in {
             p.resolve() for p in choices.values() if p is not None}:
-        choices[f"delta: {_shown(Path(extra_delta))}"] = Path(extra_delta)
+        choices[f"delta: {shown_path(Path(extra_delta))}"] = Path(extra_delta)
     return choices
 
 
