@@ -87,7 +87,7 @@ def test_web_chat_answers_over_http(server, deltas):
     assert delta_reply != expected_reply(delta, "And then?")  # really with the history
 
 
-def test_web_chat_in_a_headless_browser(server, tmp_path):
+def test_web_chat_in_a_headless_browser(server, tmp_path, monkeypatch):
     chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver_path):
         message = ("Debian's chromium is not installed: apt-get install -y chromium chromium-driver "
@@ -102,7 +102,7 @@ def test_web_chat_in_a_headless_browser(server, tmp_path):
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must never download a browser
+    monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must never download a browser
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for flag in CHROMIUM_FLAGS + (f"--user-data-dir={tmp_path / 'profile'}",):
