@@ -27,10 +27,10 @@ from .harness import PromptState, evaluate, head_dim, prepare_prompts
 from .methods import KVConfigError, KVMethod, check_budget, make_method
 from .prompts import PROMPT_SOURCES, long_prompts
 
-DEFAULT_BUDGETS = (0.1, 0.25, 0.5, 0.75)
+DEFAULT_BUDGETS = (0.1, 0.25, 0.5)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Fast mode (tests, CI) caps every run at these sizes.
-FAST_MAX_LENGTH, FAST_NEW_TOKENS, FAST_NUM_PROMPTS = 160, 16, 3
+FAST_MAX_LENGTH, FAST_NEW_TOKENS, FAST_NUM_PROMPTS = 128, 8, 3
 RESULTS_FILE = "results.jsonl"
 
 
@@ -45,7 +45,7 @@ class RunConfig:
     dtype: str = "float32"
     budgets: tuple = DEFAULT_BUDGETS
     max_length: int = 512  # prompt tokens (full mode)
-    new_tokens: int = 48  # continuation tokens (full mode)
+    new_tokens: int = 32  # continuation tokens (full mode)
     num_prompts: int = 24
     prompts: str = "suite"
     path: str | None = field(default=None, compare=False)  # the file it was read from
