@@ -17,9 +17,9 @@ import argparse
 from collections.abc import Sequence
 
 from .. import cli
-from ..config import get_settings, seed_everything
+from ..config import get_settings, seed_everything, shown_path
 from .assistant import IDENTITY_FILE, Assistant, check_options, read_identity
-from .sources import DELTAS_ROOT, shown_path, open_model
+from .sources import DELTAS_ROOT, open_model
 
 
 def parser() -> argparse.ArgumentParser:

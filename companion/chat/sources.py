@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import REPO_ROOT, get_settings
+from ..config import REPO_ROOT, get_settings, shown_path
 from ..delta.checkpoint import DELTA_INFO_FILE, delta_info, load_delta, load_delta_tokenizer
 
 DELTAS_ROOT = REPO_ROOT / "outputs" / "deltas"
@@ -88,11 +88,3 @@ def _saved_tokenizer(path: Path):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return tokenizer
-
-
-def shown_path(path: Path) -> str:
-    """``path`` relative to the repository when inside it (no machine paths in messages)."""
-    try:
-        return Path(path).resolve().relative_to(REPO_ROOT).as_posix()
-    except ValueError:
-        return str(path)

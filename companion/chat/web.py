@@ -14,8 +14,9 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
+from ..config import shown_path
 from .assistant import Assistant
-from .sources import BASE_CHOICE, shown_path, find_deltas, open_model
+from .sources import BASE_CHOICE, find_deltas, open_model
 
 HOST = "127.0.0.1"  # loopback only: a workshop laptop's chat is not served to the network
 TITLE = "Chat with what you tuned"
