@@ -14,7 +14,7 @@ Prints, for the same methods and prompts:
 Goal: every method's fast path at least 10x faster than the reference loop, with identical
 numbers; the script prints each method's ratio and says which fall short.
 
-Run: ``.venv/bin/python benchmarks/kv_fidelity.py [--num-prompts 2] [--max-length 512] ...``
+Run: ``.venv/bin/python benchmarks/kv_fidelity.py [--num-prompts 3] [--max-length 512] ...``
 (settings such as COURSE_MODEL and COURSE_THREADS apply).
 """
 
@@ -57,9 +57,9 @@ def _same_numbers(fast, slow) -> tuple[bool, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num-prompts", type=int, default=2)
+    parser.add_argument("--num-prompts", type=int, default=3, help="3 = one needle, one book QA, one MC")
     parser.add_argument("--max-length", type=int, default=512, help="prompt tokens")
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--budget", type=float, default=0.25, help="budget of the eviction methods and topk")
     parser.add_argument("--prompts", default="suite", choices=PROMPT_SOURCES)
     args = parser.parse_args()

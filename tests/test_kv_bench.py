@@ -176,3 +176,28 @@ def test_sequence_kl_between_two_models():
     assert values[1] == pytest.approx(float(kv.kl_per_token(teacher, student).mean())) and values[1] > 0
     with pytest.raises(ValueError, match="leaves no token to score"):
         kv.sequence_kl(model, other, sequences[:1], starts=[12])
+
+
+def test_real_quantized_cache_matches_the_simulation_and_measures_its_bytes():
+    pytest.importorskip("optimum.quanto", reason='the kvquant extra: pip install -e ".[kvquant]"')
+    model, _ = load_lm("tiny-llama")
+    prompt = torch.randint(100, 5000, (65,), generator=torch.Generator().manual_seed(0))
+    states = kv.prepare_prompts(model, [prompt], 6, progress=False)
+    real = kv.evaluate(model, states, kv.make_method("quantized_cache", {"backend": "quanto", "bits": 4, "group_size": 16}))
+    simulated = kv.evaluate(model, states, kv.make_method("quantize", {"bits": 4, "group_size": 16}))
+    assert real.kl == pytest.approx(simulated.kl, rel=1e-3) and real.kl > 0  # the same min/max rounding
+    # packed 4-bit codes plus an fp32 scale and shift per 16 values: (4 + 64 / 16) / 32 of fp32
+    assert real.cache_fraction == pytest.approx((4 + 64 / 16) / 32)
+
+
+def test_quantized_cache_errors_name_the_fix(monkeypatch):
+    with pytest.raises(KVConfigError, match=r"the quanto backend takes bits \(2, 4\), got 8"):
+        kv.make_method("quantized_cache", {"backend": "quanto", "bits": 8})
+    with pytest.raises(KVConfigError, match="knob 'backend' must be one of quanto, hqq"):
+        kv.make_method("quantized_cache", {"backend": "gptq"})
+    method = kv.make_method("quantized_cache", {"backend": "hqq", "bits": 8, "residual_length": 4})
+    with pytest.raises(KVConfigError, match="residual_length 4 must exceed the 6 tokens"):
+        method.check_tokens(6)
+    monkeypatch.setattr(kv.quantized, "backend_available", lambda backend: False)
+    with pytest.raises(KVConfigError, match=r"the hqq backend is not installed; pip install -e \".\[kvquant\]\""):
+        method.check_model(64)

@@ -31,6 +31,9 @@ def bench(request):
 def _method(name, budget=0.25):
     if name == "quantize":
         return make_method(name, {"group_size": 16})
+    if name == "quantized_cache":  # the optional extra: a clear skip when it is not installed
+        pytest.importorskip("optimum.quanto", reason='the kvquant extra: pip install -e ".[kvquant]"')
+        return make_method(name, {"group_size": 16})
     return make_method(name) if name == "full" else make_method(name, budget=budget)
 
 
@@ -56,7 +59,7 @@ def test_continuation_is_the_models_greedy_generation(bench):
     torch.testing.assert_close(state.step_logits, logits, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", [n for n in available_methods() if n not in ("full", "quantize")])
+@pytest.mark.parametrize("name", [n for n in available_methods() if n not in ("full", "quantize", "quantized_cache")])
 def test_budget_covering_the_prompt_gives_total_agreement(bench, name):
     model, states = bench
     method = _method(name, budget=1.0)

@@ -29,7 +29,8 @@ def test_registry_lists_every_method_of_the_issue():
     assert {"full", "random", "streaming_llm", "h2o", "snapkv", "tova", "key_norm", "topk", "quantize"} <= set(
         available_methods()
     )
-    assert set(EVICTION) == {"random", "streaming_llm", "h2o", "snapkv", "tova", "key_norm"}
+    builtin_eviction = {n for n in EVICTION if not n.startswith("test_")}  # other tests register test_* methods
+    assert builtin_eviction == {"random", "streaming_llm", "h2o", "snapkv", "tova", "key_norm"}
 
 
 def test_config_maps_onto_fields():

@@ -2,7 +2,8 @@
 
 - ``methods``: the method interface (``KVMethod``, ``EvictionMethod``...), ``register_method``,
   ``make_method``; ``builtin``: the course's methods (full, random, streaming_llm, h2o,
-  snapkv, tova, key_norm, topk, quantize);
+  snapkv, tova, key_norm, topk, quantize); ``quantized``: transformers' real ``QuantizedCache``
+  (optimum-quanto or HQQ backend, an optional extra);
 - ``harness``: prefill once, the full model's continuation, the fast path and the reference
   loop (``prepare_prompts``, ``evaluate``);
 - ``scores``: agreement, KL and its percentiles, intervals, needle accuracy, ``sequence_kl``;
@@ -22,6 +23,7 @@ from .methods import (  # noqa: F401
 from .builtin import (  # noqa: F401  (registers the course's methods)
     H2O, TOVA, Full, KeyNorm, Quantize, RandomEviction, SnapKV, StreamingLLM, TopKAttention, fake_quantize,
 )
+from .quantized import INSTALL as KVQUANT_INSTALL, QuantizedCacheMethod, backend_available  # noqa: F401
 from .scores import (  # noqa: F401
     FidelityResult, compare, kl_per_token, percentiles, repetition_rate, sequence_kl,
 )

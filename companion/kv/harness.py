@@ -280,10 +280,14 @@ def evaluate(model, states: list[PromptState], method: KVMethod, reference: bool
     with companion_attention(model):
         for state in progress_bar(states, desc=method.name, disable=not progress, leave=False):
             layers = prefill(model, state.prompt_ids) if reference else state.layers
+            method.check_tokens(len(state.inputs))
             compressed = method.compress(layers)
             full_bytes.append(Full().cache_bytes([(layer.keys, layer.values) for layer in layers]))
-            kept_bytes.append(method.cache_bytes(compressed))
-            cache = build_cache(model, compressed)
+            cache = method.make_cache(model, compressed)
+            if cache is None:
+                cache = build_cache(model, compressed)
+            stored = method.stored_bytes(cache)
+            kept_bytes.append(method.cache_bytes(compressed) if stored is None else stored)
             with companion_attention(model, attend=attend):
                 if stepping:
                     logits = decode_steps(model, cache, state.inputs, state.cached_length,

@@ -141,6 +141,17 @@ class KVMethod:
     def after_step(self, cache, prompt_length: int) -> None:
         """Called after each decoding step (only for methods that need stepping)."""
 
+    def make_cache(self, model, compressed: list[KV]):
+        """The cache object to decode from, or None for a ``DynamicCache`` of ``compressed``."""
+        return None
+
+    def stored_bytes(self, cache) -> int | None:
+        """Bytes the cache made by ``make_cache`` holds (None: use ``cache_bytes``)."""
+        return None
+
+    def check_tokens(self, tokens: int) -> None:
+        """Raise ``KVConfigError`` if the method cannot take ``tokens`` tokens after the prompt."""
+
     def cache_bytes(self, compressed: list[KV]) -> int:
         """Bytes the compressed prompt cache takes (as stored: dtype of the tensors)."""
         return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in compressed)

@@ -65,6 +65,8 @@ def _play_rows(rows):
 def passages(tokenizer, count: int, length: int, rows=None, offsets=(1 / 3, 1 / 2, 2 / 3)) -> list[list[int]]:
     """``count`` passages of ``length`` tokens, each starting at a line: every play at its first
     offset (past the cast list), then every play at the next offset, and so on."""
+    if count == 0:
+        return []
     rows = _play_rows(rows)
     found = []
     for offset in offsets:
@@ -210,6 +212,8 @@ def long_prompts(tokenizer, num_prompts: int, length: int, source: str = "suite"
     if source == "suite":
         third = num_prompts // 3
         needles = num_prompts - 2 * third
+        if not third:
+            return needle_prompts(tokenizer, needles, length)
         return (needle_prompts(tokenizer, needles, length) + book_qa_prompts(tokenizer, third, length)
-                + (mmlu_prompts(tokenizer, third, length) if third else []))
+                + mmlu_prompts(tokenizer, third, length))
     raise KVConfigError(f"unknown prompt source {source!r}; known: {', '.join(PROMPT_SOURCES)}")
