@@ -1,17 +1,15 @@
-"""Chip-tuning figures on the course model: pruning speed-up, layers cut, accuracy cost, caching.
+"""Chip-tuning's headline on the course model: layers pruned, accuracy kept, speed-up, per task.
 
-Prints, for one task (sentiment by default):
+Prints the headline table of chapter 2 (``chips.measure_task`` on each task): the best
+chip's test accuracy and its layer, the accuracy at the layer chosen on validation (one-
+standard-error rule, seed-averaged), the fraction of blocks pruned there, the share of the
+best accuracy kept, the measured per-example speed-up of the pruned model over the full
+one, and the shuffled-label control and majority class; each with a 95% interval. Then
+whether the paper's target (>= 40% of the layers pruned with >= 95% of the best accuracy
+kept) is met on any task.
 
-- per-example latency of the full model answering (next-token scoring) versus the pruned
-  model with its chip (batch of one, median over test prompts), and their ratio;
-- the layer chosen on the validation split (best chip, and the one-standard-error rule) and
-  the fraction of layers pruned there;
-- test accuracy at that layer, the best chip's test accuracy, and the gap between them;
-- the cost of training the chips with cached features versus with a forward pass on every
-  batch of every epoch (same chips, same seed), and the ratio.
-
-Run: ``.venv/bin/python benchmarks/chips.py [--task sentiment] [--train-size 160] ...``
-(settings such as COURSE_MODEL and COURSE_THREADS apply).
+Run: ``COURSE_THREADS=1 .venv/bin/python benchmarks/chips.py [--tasks topic truth] [--seeds 3]``
+(settings such as COURSE_MODEL apply; about 3-4 minutes for topic and truth on one thread).
 """
 
 from __future__ import annotations
@@ -19,91 +17,48 @@ from __future__ import annotations
 import argparse
 import time
 
-from companion import chips
+from companion import chips, stats
 from companion.config import seed_everything, settings
 from companion.data import load_data
-from companion.models import load_lm, parameter_count
+from companion.models import load_lm
+
+SIZES = {"topic": (120, 60, 60), "truth": (120, 80, 160), "sentiment": (100, 80, 120), "mmlu": (40, 40, 60)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", default="sentiment")
-    parser.add_argument("--kind", choices=chips.CHIP_KINDS, default="linear")
-    parser.add_argument("--train-size", type=int, default=160)
-    parser.add_argument("--validation-size", type=int, default=150)
-    parser.add_argument("--test-size", type=int, default=200)
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--fresh-epochs", type=int, default=2,
-                        help="epochs run with a forward pass per batch (slow: keep it small)")
-    parser.add_argument("--latency-examples", type=int, default=30)
+    parser.add_argument("--tasks", nargs="+", default=["topic", "truth"], help="tasks of data/tasks/chips.yaml")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--timed", type=int, default=16, help="test prompts timed one at a time")
     args = parser.parse_args()
 
     seed_everything()
     model, tokenizer = load_lm()
-    task = chips.get_task(args.task)
-    data = load_data(task.name.lower())  # the course names datasets after their tasks
-    rows = {split: chips.load_rows(data, split, size) for split, size in
-            (("train", args.train_size), ("validation", args.validation_size), ("test", args.test_size))}
-    prompts = {split: chips.format_prompts(r, task) for split, r in rows.items()}
-    targets = {split: chips.row_targets(r, task) for split, r in rows.items()}
-    chipped = chips.ChippedModel(model, tokenizer, task, kind=args.kind)
-    print(f"model {settings.model} ({chipped.num_layers} layers), task {task.name}, {args.kind} chips, "
-          f"train/validation/test {args.train_size}/{args.validation_size}/{args.test_size}, "
-          f"{settings.threads} threads")
-
-    # Training cost: cached features (one forward per example, then epochs on the cache)...
-    start = time.perf_counter()
-    train_features = chipped.features(prompts["train"], progress=False)
-    extract_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    chipped.fit(train_features, targets["train"], epochs=args.fresh_epochs, progress=False)
-    cached_epochs_seconds = time.perf_counter() - start
-    # ... versus a forward pass on every batch of every epoch (same seed, same chips).
-    fresh = chips.ChippedModel(model, tokenizer, task, kind=args.kind)
-    start = time.perf_counter()
-    fresh.fit(prompts["train"], targets["train"], epochs=args.fresh_epochs, cache=False, progress=False)
-    fresh_seconds = time.perf_counter() - start
-    cached_seconds = extract_seconds + cached_epochs_seconds
-    fresh_weights = fresh.chips.state_dict()
-    difference = max((value - fresh_weights[name]).abs().max().item()
-                     for name, value in chipped.chips.state_dict().items())
-    print(f"\ntraining {args.fresh_epochs} epochs: cached features {cached_seconds:.1f} s "
-          f"(forward passes {extract_seconds:.1f} s + chips {cached_epochs_seconds:.2f} s), "
-          f"forward per epoch {fresh_seconds:.1f} s -> ratio {fresh_seconds / cached_seconds:.1f}x; "
-          f"largest difference between the two sets of chip weights {difference:.1e}")
-
-    # The chips used below: the full number of epochs on the cached features.
-    chipped = chips.ChippedModel(model, tokenizer, task, kind=args.kind)
-    start = time.perf_counter()
-    chipped.fit(train_features, targets["train"], epochs=args.epochs, progress=False)
-    chips_seconds = time.perf_counter() - start
-    per_epoch_fresh = fresh_seconds / args.fresh_epochs
-    estimate = per_epoch_fresh * args.epochs
-    print(f"training {args.epochs} epochs: cached {extract_seconds + chips_seconds:.1f} s measured, "
-          f"forward per epoch ~{estimate:.0f} s estimated ({per_epoch_fresh:.1f} s/epoch measured) "
-          f"-> ratio ~{estimate / (extract_seconds + chips_seconds):.0f}x")
-
-    # Layer chosen on validation (two rules); test accuracy there versus the best chip on test.
-    validation_features = chipped.features(prompts["validation"], progress=False)
-    test_features = chipped.features(prompts["test"], progress=False)
-    test_accuracy = chipped.layer_accuracies(test_features, targets["test"])
-    best = max(range(len(test_accuracy)), key=test_accuracy.__getitem__)
-    gold = task.decode(targets["test"])
-    zero_shot = chips.accuracy(chipped.zero_shot_predict(test_features), gold)
-    print(f"\nzero-shot full model: test {zero_shot:.3f}; best chip on test: layer {best}, {test_accuracy[best]:.3f}")
-    sample = prompts["test"][: args.latency_examples]
-    full_answers, full_seconds = chips.timed_predictions(chips.full_model_predict(chipped), sample)
-    print(f"full model: {parameter_count(model) / 1e6:.1f} M parameters, {full_seconds * 1000:.0f} ms per example "
-          f"(median of {len(sample)}, batch of one)")
-    for rule, tolerance in (("best on validation", 0.0), ("one standard error", chips.ONE_STANDARD_ERROR)):
-        layer = chipped.choose_layer(validation_features, targets["validation"], tolerance=tolerance)
-        pruned = chipped.prune()
-        _, pruned_seconds = chips.timed_predictions(pruned.predict, sample)
-        print(f"{rule:18s}: layer {layer:2d}, keeps {pruned.num_layers} of {chipped.num_layers} layers "
-              f"(prunes {1 - pruned.num_layers / chipped.num_layers:.0%}), "
-              f"{pruned.parameter_count() / parameter_count(model):.0%} of the parameters | "
-              f"test {test_accuracy[layer]:.3f}, gap to best chip {test_accuracy[best] - test_accuracy[layer]:.3f} | "
-              f"{pruned_seconds * 1000:.0f} ms per example, {full_seconds / pruned_seconds:.2f}x faster")
+    print(f"model {settings.model}, {settings.threads} threads, {args.seeds} seeds, linear chips, "
+          f"{args.epochs} epochs at lr {args.lr}")
+    rows = []
+    for name in args.tasks:
+        task = chips.get_task(name)
+        data = load_data(task.name.lower())
+        train, validation, test = SIZES.get(task.name.lower(), (120, 80, 120))
+        split_rows = {split: chips.load_rows(data, split, size)
+                      for split, size in (("train", train), ("validation", validation), ("test", test))}
+        prompts = {split: chips.format_prompts(r, task) for split, r in split_rows.items()}
+        targets = {split: chips.row_targets(r, task) for split, r in split_rows.items()}
+        longest = max(len(ids) for ids in tokenizer([p for s in prompts.values() for p in s])["input_ids"])
+        start = time.perf_counter()
+        result, _, _ = chips.measure_task(model, tokenizer, task, prompts, targets, seeds=tuple(range(args.seeds)),
+                                          num_timed=args.timed, max_length=max(256, longest),
+                                          epochs=args.epochs, lr=args.lr)
+        print(f"{task.name}: train/validation/test {train}/{validation}/{test}, "
+              f"{time.perf_counter() - start:.0f} s")
+        rows.append(result)
+    print()
+    print(stats.markdown_table([r.row() for r in rows]))
+    met = [r.task for r in rows if r.pruned_share >= 0.40 and r.retained.mean >= 0.95]
+    print(f"\n>= 40% of the layers pruned with >= 95% of the best accuracy kept: {', '.join(met) or 'no task'}")
 
 
 if __name__ == "__main__":

@@ -173,3 +173,23 @@ def test_count_truncated_counts_prompts_over_the_limit(lm):
     prompts = ["one two", "one two three four five six seven eight nine ten"]
     assert chips.count_truncated(tokenizer, prompts, 5) == 1
     assert chips.count_truncated(tokenizer, prompts, 100) == 0
+
+
+def test_features_without_label_scores_keep_the_same_states(lm):
+    model, tokenizer = lm
+    reader = chips.ChippedModel(model, tokenizer, SENTIMENT)
+    with_scores = reader.features(PROMPTS[:5], progress=False)
+    without = reader.features(PROMPTS[:5], progress=False, label_scores=False)
+    assert without.label_scores is None and with_scores.label_scores.shape == (5, 3)
+    torch.testing.assert_close(without.states, with_scores.states)
+
+
+def test_measure_task_gives_the_headline_of_one_task():
+    model, tokenizer = load_lm("tiny-llama")
+    prompts = {split: PROMPTS for split in ("train", "validation", "test")}
+    targets = {split: SENTIMENT.encode(LABELS) for split in prompts}
+    result, runs, controls = chips.measure_task(model, tokenizer, SENTIMENT, prompts, targets, seeds=(0, 1),
+                                                num_timed=3, epochs=20, lr=3e-2, batch_size=12)
+    assert result.task == "sentiment" and result.layer == runs.layer and len(controls.runs) == 2
+    assert result.speedup.n == 3 and result.speedup.mean > 0
+    assert result.chosen.n == len(PROMPTS) and 0 <= result.control.mean <= 1

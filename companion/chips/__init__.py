@@ -30,6 +30,7 @@ from .analysis import (
     full_model_predict,
     headline,
     majority_share,
+    measure_task,
     plot_layer_accuracies,
     ratio_estimate,
     seed_runs,
@@ -85,6 +86,6 @@ __all__ = [
     "block_influence", "build_parser", "check_max_length", "chip_knobs", "choose_chip", "choose_layer",
     "count_truncated", "extract_features", "format_prompt", "format_prompts", "full_model_predict", "get_task",
     "headline", "input_kind", "keep_blocks", "label_token_ids", "load_rows", "load_tasks", "main",
-    "majority_share", "make_chip", "parse_tasks", "plot_layer_accuracies", "ratio_estimate", "read_input_rows",
+    "majority_share", "make_chip", "measure_task", "parse_tasks", "plot_layer_accuracies", "ratio_estimate", "read_input_rows",
     "row_targets", "run", "seed_runs", "shuffled_targets", "standard_error", "timed_predictions", "train_chips",
 ]

@@ -57,18 +57,19 @@ class SeedRuns:
 
 def seed_runs(model, tokenizer, task, features: Mapping[str, Features], targets: Mapping[str, torch.Tensor], *,
               seeds: Sequence[int] = (0, 1, 2), kind: str = "linear", shuffle_labels: bool = False,
-              tolerance: float | str = "1se", **fit_kwargs) -> SeedRuns:
+              tolerance: float | str = "1se", max_length: int = 256, **fit_kwargs) -> SeedRuns:
     """Train one chip set per seed on ``features["train"]``; score every split; choose the layer.
 
     The layer is the shallowest whose seed-averaged validation accuracy is within
     ``tolerance`` of the best (``"1se"``: one standard error). Nothing reads the test split.
+    ``max_length`` is kept by the chips (their pruned model cuts longer prompts).
     """
     if len(seeds) == 0:
         raise ValueError("give at least one seed")
     fit_kwargs.setdefault("progress", False)
     runs, correct = [], {split: [] for split in features}
     for seed in seeds:
-        chipped = ChippedModel(model, tokenizer, task, kind=kind, seed=seed)
+        chipped = ChippedModel(model, tokenizer, task, kind=kind, seed=seed, max_length=max_length)
         chipped.fit(features["train"], targets["train"], shuffle_labels=shuffle_labels, **fit_kwargs)
         for split, data in features.items():
             correct[split].append(chipped.layer_correct(data, targets[split]))
@@ -228,3 +229,26 @@ def plot_layer_accuracies(curves: Mapping[str, Sequence[float] | torch.Tensor], 
         ax.set_title(title)
     ax.legend(fontsize=8)
     return ax
+
+
+def measure_task(model, tokenizer, task, prompts: Mapping[str, Sequence[str]], targets: Mapping[str, torch.Tensor],
+                 *, seeds: Sequence[int] = (0, 1, 2), num_timed: int = 16, max_length: int = 256,
+                 **fit_kwargs) -> tuple[Headline, SeedRuns, SeedRuns]:
+    """The whole chapter-2 measurement of one task, as ``benchmarks/chips.py`` runs it.
+
+    Features of every split (one forward each), chips and shuffled-label controls over
+    ``seeds``, the layer chosen on validation, the pruned model timed against the full model
+    on ``num_timed`` test prompts (one at a time). Returns ``(headline, runs, controls)``.
+    """
+    reader = ChippedModel(model, tokenizer, task, max_length=max_length)
+    features = {split: reader.features(p, progress=False, label_scores=False) for split, p in prompts.items()}
+    runs = seed_runs(model, tokenizer, task, features, targets, seeds=seeds, max_length=max_length, **fit_kwargs)
+    controls = seed_runs(model, tokenizer, task, features, targets, seeds=seeds, shuffle_labels=True,
+                         max_length=max_length, **fit_kwargs)
+    chosen = runs.runs[0]
+    timed = list(prompts["test"])[:num_timed]
+    _, full_seconds = timed_predictions(full_model_predict(chosen), timed, per_example=True)
+    _, pruned_seconds = timed_predictions(chosen.prune().predict, timed, per_example=True)
+    result = headline(task.name, runs, control=controls, targets=targets["test"],
+                      latency=(full_seconds, pruned_seconds))
+    return result, runs, controls
