@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from companion import chips
-from companion.arch import decoder_layers, hidden_states_at_last_token, lora_target_modules, num_layers
+from companion.arch import (
+    decoder_layers,
+    hidden_states_at_last_token,
+    lora_target_modules,
+    num_layers,
+)
 from companion.chips import (
     ChippedModel,
     Features,
@@ -186,7 +191,7 @@ def test_cached_features_train_the_same_chips_as_a_forward_per_epoch(lm):
     targets = [row["label"] for row in ROWS]
     cached, fresh = _chipped(lm, seed=3), _chipped(lm, seed=3)
     initial = copy.deepcopy(cached.chips.state_dict())
-    settings = dict(epochs=3, lr=1e-2, batch_size=4, seed=7, progress=False)
+    settings = {"epochs": 3, "lr": 1e-2, "batch_size": 4, "seed": 7, "progress": False}
     cached_losses = cached.fit(RAW_PROMPTS, targets, cache=True, **settings)
     fresh_losses = fresh.fit(RAW_PROMPTS, targets, cache=False, **settings)
     assert cached_losses == pytest.approx(fresh_losses, rel=1e-4)

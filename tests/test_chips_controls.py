@@ -73,7 +73,7 @@ def test_control_chips_train_on_shuffled_labels_and_reload_as_controls(lm, tmp_p
     real = chips.ChippedModel(model, tokenizer, SENTIMENT, seed=0)
     control = chips.ChippedModel(model, tokenizer, SENTIMENT, seed=0)
     features = real.features(PROMPTS, progress=False)
-    settings = dict(epochs=40, lr=3e-2, batch_size=12, progress=False)
+    settings = {"epochs": 40, "lr": 3e-2, "batch_size": 12, "progress": False}
     real.fit(features, LABELS, **settings)
     control.fit(features, LABELS, shuffle_labels=True, **settings)
     assert control.control == chips.SHUFFLED_LABELS and real.control is None

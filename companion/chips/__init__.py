@@ -37,7 +37,13 @@ from .analysis import (
     timed_predictions,
 )
 from .command import build_parser, main, read_input_rows, run
-from .features import Features, block_influence, check_max_length, count_truncated, extract_features
+from .features import (
+    Features,
+    block_influence,
+    check_max_length,
+    count_truncated,
+    extract_features,
+)
 from .model import (
     CHIPS_FORMAT,
     META_FILE,

@@ -15,7 +15,16 @@ from ..config import get_settings
 from ..records import json_lines
 from .model import ChippedModel
 from .probes import CHIP_KINDS, DEFAULT_MLP_HIDDEN, ONE_STANDARD_ERROR, accuracy
-from .tasks import TASKS_FILE, TaskError, format_prompt, format_prompts, get_task, input_kind, load_rows, row_targets
+from .tasks import (
+    TASKS_FILE,
+    TaskError,
+    format_prompt,
+    format_prompts,
+    get_task,
+    input_kind,
+    load_rows,
+    row_targets,
+)
 
 
 def _cmd_train(args) -> None:

@@ -22,7 +22,13 @@ from ..arch import hidden_size, keep_first_layers, num_layers
 from ..config import get_settings
 from ..models import parameter_count
 from .features import Features, check_max_length, extract_features
-from .probes import ChipSet, choose_layer, shuffled_targets, tolerance_value, train_chips
+from .probes import (
+    ChipSet,
+    choose_layer,
+    shuffled_targets,
+    tolerance_value,
+    train_chips,
+)
 from .tasks import Task, label_token_ids
 
 CHIPS_FORMAT = "companion.chips/2"
@@ -45,7 +51,7 @@ def backbone_fingerprint(model: nn.Module) -> dict:
 def keep_blocks(model: nn.Module, layers: Sequence[int]) -> nn.Module:
     """A copy of ``model`` with only the blocks ``layers`` (in the model's order), the rest removed."""
     total = num_layers(model)
-    kept = sorted(set(int(i) for i in layers))
+    kept = sorted({int(i) for i in layers})
     if not kept or kept[0] < 0 or kept[-1] >= total:
         raise ValueError(f"layers to keep must be a non-empty list of indices in [0, {total}), got {list(layers)}")
     pruned = copy.deepcopy(arch.unwrap(model))
@@ -156,7 +162,7 @@ class ChippedModel:
         if cache:
             features = self._features(data)
             targets = self._targets(targets, len(features))
-            states_for = lambda indices: features.states[:, indices]  # noqa: E731
+            states_for = lambda indices: features.states[:, indices]
         else:
             if isinstance(data, Features):
                 raise ValueError("cache=False runs the model on every batch: pass prompts, not Features")

@@ -190,7 +190,7 @@ def tolerance_value(tolerance: float | str, best: float, count: int) -> float:
     if tolerance == ONE_STANDARD_ERROR:
         return standard_error(best, count)
     if isinstance(tolerance, str):
-        raise ValueError(f"tolerance must be a number or {ONE_STANDARD_ERROR!r}, got {tolerance!r}")
+        raise ValueError(f"tolerance must be a number or {ONE_STANDARD_ERROR!r}, got {tolerance!r}")  # noqa: TRY004 - a wrong spelling, not a wrong type
     return tolerance
 
 

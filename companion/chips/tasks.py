@@ -89,7 +89,7 @@ def parse_tasks(text: str, source: str = "<string>") -> dict[str, Task]:
     """Parse task definitions in the reference format ``task_name: [label0, label1, ...]``."""
     hint = "expected one line per task, like `MMLU: [A, B, C, D]`"
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except TaskError as error:
         raise TaskError(f"{source}: {error}") from None
     except yaml.YAMLError as error:
