@@ -22,14 +22,16 @@ from ..stats import estimate
 DEGENERATE = 0.5  # a continuation whose repetition rate exceeds this is called degenerate
 
 
-def kl_per_token(teacher_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || model) at each position, ``(n,)`` in float64.
+def kl_per_token(teacher_logits: torch.Tensor, logits: torch.Tensor, logprobs: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(teacher || model) at each position, ``(n,)`` in float64 (``logprobs``: the model's
+    log-softmax, if already computed).
 
     Float64: in float32 the rounding (~1e-7 per token) would swamp the tiny divergence of,
     say, an 8-bit cache.
     """
     teacher = teacher_logits.double().log_softmax(-1)
-    return (teacher.exp() * (teacher - logits.double().log_softmax(-1))).sum(-1).clamp(min=0.0)
+    logprobs = logits.double().log_softmax(-1) if logprobs is None else logprobs
+    return (teacher.exp() * (teacher - logprobs)).sum(-1).clamp(min=0.0)
 
 
 def compare(logits: torch.Tensor, teacher_logits: torch.Tensor, continuation: torch.Tensor) -> dict:
@@ -37,7 +39,7 @@ def compare(logits: torch.Tensor, teacher_logits: torch.Tensor, continuation: to
     logprobs = logits.double().log_softmax(-1)
     top1 = logprobs.argmax(-1) == continuation
     top5 = (logprobs.topk(5, dim=-1).indices == continuation[:, None]).any(-1)
-    kl = kl_per_token(teacher_logits, logits)
+    kl = kl_per_token(teacher_logits, logits, logprobs)
     misses = (~top1).nonzero()
     return {
         "tokens": len(continuation),
