@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..cli import add_debug_flag
-from ..config import seed_everything
+from ..config import seed_everything, shown_path
 from .methods import available_methods, method_knobs
 from .plots import plot_fidelity
 from .runs import default_results_dir, load_run_configs, run_configs
@@ -50,5 +50,6 @@ def main(argv: list[str] | None = None) -> int:
     rows = run_configs(configs, results_dir)
     print(summary(rows))
     plot_fidelity(rows, path=results_dir / "fidelity.png")
-    print(f"results: {results_dir / 'results.jsonl'}, {results_dir / 'results.csv'}, {results_dir / 'fidelity.png'}")
+    shown = shown_path(results_dir)
+    print(f"results: {shown}/results.jsonl, {shown}/results.csv, {shown}/fidelity.png")
     return 0

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import REPO_ROOT, get_settings
+from ..config import REPO_ROOT, get_settings, shown_path
 from ..models import model_name, model_slug
 from ..progress import progress as progress_bar
 from ..records import append_record, locked, read_records
@@ -133,14 +133,6 @@ def run_config_from_dict(data, name: str, path: str | None = None) -> RunConfig:
     return RunConfig(name=name, path=path, **fields)
 
 
-def _shown(path: Path) -> str:
-    """A path as messages show it: relative to the repository when inside it."""
-    try:
-        return str(path.resolve().relative_to(REPO_ROOT))
-    except ValueError:
-        return str(path)
-
-
 def load_run_config(path: str | Path) -> RunConfig:
     path = Path(path)
     if not path.exists():
@@ -148,10 +140,10 @@ def load_run_config(path: str | Path) -> RunConfig:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
-        raise KVConfigError(f"{_shown(path)}: not UTF-8 text; save the file as UTF-8") from None
+        raise KVConfigError(f"{shown_path(path)}: not UTF-8 text; save the file as UTF-8") from None
     except json.JSONDecodeError as error:
-        raise KVConfigError(f"{_shown(path)}: not valid JSON ({error})") from None
-    return run_config_from_dict(data, path.stem, path=_shown(path))
+        raise KVConfigError(f"{shown_path(path)}: not valid JSON ({error})") from None
+    return run_config_from_dict(data, path.stem, path=shown_path(path))
 
 
 def load_run_configs(source: str | Path, model: str | None = None) -> list[RunConfig]:
