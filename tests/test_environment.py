@@ -41,3 +41,13 @@ def test_ci_runs_the_readme_test_command():
     assert commands, "README.md must give the test command on a line of its own"
     ci = (ROOT / ".ci" / "run").read_text()
     assert re.search(r"^make test$", ci, re.M)
+
+
+def test_every_subpackage_is_installed_not_only_in_editable_mode():
+    from setuptools import find_packages
+
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    found = set(find_packages(str(ROOT), include=find["include"]))
+    subpackages = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "companion").rglob("__init__.py")}
+    assert {"companion.delta", "companion.kv"} <= subpackages
+    assert subpackages <= found
