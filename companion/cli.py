@@ -10,6 +10,7 @@ the command line) shows the full traceback instead, for bug reports.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable, Sequence
 
@@ -26,6 +27,17 @@ BAD_INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, LookupError, OS
 def add_debug_flag(parser) -> None:
     """Document ``--debug`` in a command's ``--help`` (``run`` acts on it)."""
     parser.add_argument(DEBUG_FLAG, action="store_true", help="show the full traceback of an error")
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type`` for counts and sizes: a whole number >= 1, or a usage error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _one_line(error: BaseException) -> str:

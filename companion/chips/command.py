@@ -121,16 +121,6 @@ def _tolerance(text: str) -> float | str:
     return value
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse that raises (so ``cli.run`` prints one ``error:`` line) instead of exiting."""
 
@@ -148,13 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dataset", default=None, help="dataset name for load_data (default: task name, lower case)")
     train.add_argument("--model", default=None, help="model name for load_lm (default: COURSE_MODEL)")
     train.add_argument("--kind", choices=CHIP_KINDS, default="linear")
-    train.add_argument("--hidden", type=_positive, default=DEFAULT_MLP_HIDDEN, help="MLP chips' hidden size")
-    train.add_argument("--train-size", type=_positive, default=400)
-    train.add_argument("--validation-size", type=_positive, default=150)
-    train.add_argument("--epochs", type=_positive, default=30)
+    train.add_argument("--hidden", type=cli.positive_int, default=DEFAULT_MLP_HIDDEN, help="MLP chips' hidden size")
+    train.add_argument("--train-size", type=cli.positive_int, default=400)
+    train.add_argument("--validation-size", type=cli.positive_int, default=150)
+    train.add_argument("--epochs", type=cli.positive_int, default=30)
     train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--batch-size", type=_positive, default=32)
-    train.add_argument("--max-length", type=_positive, default=256,
+    train.add_argument("--batch-size", type=cli.positive_int, default=32)
+    train.add_argument("--max-length", type=cli.positive_int, default=256,
                        help="prompt tokens kept (longer prompts are cut from the left, with a warning)")
     train.add_argument("--tolerance", type=_tolerance, default=0.0,
                        help="choose the lowest layer within this much of the best validation accuracy "
@@ -172,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "evaluate":
             sub.add_argument("--dataset", default=None, help="default: the dataset the chips were trained on")
             sub.add_argument("--split", default="test")
-            sub.add_argument("--size", type=_positive, default=None, help="examples to use (default: all)")
+            sub.add_argument("--size", type=cli.positive_int, default=None, help="examples to use (default: all)")
         else:
             sub.add_argument("--text", action="append", help="a text to classify (repeatable)")
             sub.add_argument("--input", default=None, help="a JSONL file of rows in the dataset's schema")

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from .methods import (
-    BudgetMethod, EvictionMethod, KVConfigError, KVMethod, check_fraction, check_int, protect, register_method,
+    BudgetMethod, EvictionMethod, KVConfigError, KVMethod, check_fraction, check_group_size, check_int, protect,
+    register_method,
 )
 
 
@@ -221,10 +222,7 @@ class Quantize(KVMethod):
         check_int(self.name, "group_size", self.group_size, 1)
 
     def check_model(self, head_dim, where=""):
-        if head_dim % self.group_size:
-            divisors = [d for d in (8, 16, 32, 64, 128) if head_dim % d == 0]
-            raise KVConfigError(f"{where}quantize: group_size {self.group_size} does not divide the model's head "
-                                f"size {head_dim}; use one of {divisors}")
+        check_group_size("quantize", self.group_size, head_dim, where)
 
     def compress(self, layers):
         return [

@@ -94,6 +94,14 @@ def check_int(method: str, knob: str, value, minimum: int) -> None:
         raise KVConfigError(f"{method}: knob {knob!r} must be an integer >= {minimum}, got {value!r}")
 
 
+def check_group_size(method: str, group_size: int, head_dim: int, where: str = "") -> None:
+    """Quantisation groups split each head's vector; the group size must divide the head size."""
+    if head_dim % group_size:
+        divisors = [d for d in (8, 16, 32, 64, 128) if head_dim % d == 0]
+        raise KVConfigError(f"{where}{method}: group_size {group_size} does not divide the model's head "
+                            f"size {head_dim}; use one of {divisors}")
+
+
 def check_fraction(method: str, knob: str, value, allow_zero: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     ok = ok and (0.0 <= value <= 1.0 if allow_zero else 0.0 < value <= 1.0)

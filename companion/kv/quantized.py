@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 
 from ..arch import unwrap
-from .methods import KVConfigError, KVMethod, check_int, register_method
+from .methods import KVConfigError, KVMethod, check_group_size, check_int, register_method
 
 BACKENDS = {"quanto": ("optimum.quanto", "optimum-quanto==0.2.7", (2, 4)),
             "hqq": ("hqq", "hqq==0.2.8", (2, 4, 8))}
@@ -76,10 +76,7 @@ class QuantizedCacheMethod(KVMethod):
         check_int(self.name, "residual_length", self.residual_length, 1)
 
     def check_model(self, head_dim, where=""):
-        if head_dim % self.group_size:
-            divisors = [d for d in (8, 16, 32, 64, 128) if head_dim % d == 0]
-            raise KVConfigError(f"{where}{self.name}: group_size {self.group_size} does not divide the model's head "
-                                f"size {head_dim}; use one of {divisors}")
+        check_group_size(self.name, self.group_size, head_dim, where)
         if not backend_available(self.backend):
             raise KVConfigError(f"{where}{self.name}: the {self.backend} backend is not installed; {INSTALL}")
 
