@@ -47,7 +47,7 @@ def main() -> None:
 
     threads = os.cpu_count()
     lines = [
-        f"| notebook | full mode (min) | fast mode (min) | model |",
+        "| notebook | full mode (min) | fast mode (min) | model |",
         "|---|---|---|---|",
         *[f"| `{n}` | {minutes(f)} | {minutes(q)} | {m} |" for n, f, q, m in rows],
         "",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from companion import cli, sft, stats
+from companion import cli, sft
 from companion.config import get_settings, seed_everything
 from companion.data import load_data
 from companion.models import load_lm

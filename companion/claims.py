@@ -7,6 +7,10 @@ cell must appear in an output of the same notebook (as ``0.87``, ``0.870``, ``87
 inline code, math or link targets are not checked: a figure quoted from a paper goes in
 backticks with its source.
 
+A chapter's exercises quote what a correct solution gives: markdown cells from a heading
+that starts with ``## Exercises`` on may also cite figures that the outputs of the
+chapter's solutions notebook (``solutions/NN_solutions.ipynb`` beside it) show.
+
     python -m companion.claims notebooks/*.ipynb      # lists unsupported figures, exit 1 if any
 """
 
@@ -54,17 +58,36 @@ def _forms(figure: str) -> set[str]:
     return forms
 
 
+EXERCISES_HEADING = re.compile(r"^##\s+Exercises", re.M)
+
+
+def solutions_path(path: str | Path) -> Path:
+    """Where a chapter's solutions notebook lives: ``notebooks/solutions/NN_solutions.ipynb``."""
+    path = Path(path)
+    return path.parent / "solutions" / f"{path.name[:2]}_solutions.ipynb"
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def unsupported_figures(path: str | Path) -> list[str]:
     """``"markdown cell N: FIGURE"`` for every figure in the prose that no output shows."""
-    notebook = json.loads(Path(path).read_text(encoding="utf-8"))
+    notebook = _read(Path(path))
     shown = set(NUMBER.findall(output_text(notebook)))
+    solutions = solutions_path(path)
+    shown_with_solutions = shown | (set(NUMBER.findall(output_text(_read(solutions)))) if solutions.exists() else set())
     problems = []
+    in_exercises = False
     for index, cell in enumerate(notebook.get("cells", [])):
         if cell.get("cell_type") != "markdown":
             continue
-        prose = EXCLUDED.sub(" ", _text(cell.get("source", "")))
+        source = _text(cell.get("source", ""))
+        if re.search(r"^##\s", source, re.M):
+            in_exercises = bool(EXERCISES_HEADING.search(source))
+        prose = EXCLUDED.sub(" ", source)
         for figure in FIGURE.findall(prose):
-            if not _forms(figure) & shown:
+            if not _forms(figure) & (shown_with_solutions if in_exercises else shown):
                 problems.append(f"markdown cell {index}: {figure.strip()}")
     return problems
 

@@ -22,8 +22,6 @@ dataset's source, licence and split sizes.
 from __future__ import annotations
 
 import csv
-import importlib.util
-import json
 import random
 import re
 import string
@@ -38,7 +36,7 @@ from typing import Any, Callable, Iterable
 
 from datasets import Dataset, DatasetDict
 
-from .config import DATA_DIR, cache_path, get_settings
+from .config import DATA_DIR, get_settings
 from .config import package_dir as _package_dir
 from .records import json_lines as _json_lines
 

@@ -45,3 +45,20 @@ def test_supported_figures_pass(tmp_path, prose, output):
 ])
 def test_drifted_figures_are_reported(tmp_path, prose, output, figure):
     assert unsupported_figures(_notebook(tmp_path, prose, output)) == [f"markdown cell 0: {figure}"]
+
+
+def test_exercises_may_quote_the_solutions_notebook_and_only_they(tmp_path):
+    def write(path, cells):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+
+    def markdown(text):
+        return {"cell_type": "markdown", "metadata": {}, "source": text}
+
+    chapter = tmp_path / "07_chapter.ipynb"
+    write(chapter, [markdown("## Results\nEM 0.42"), markdown("## Exercises\nyou should get about 0.42"),
+                    markdown("Hint: the table's 0.42 again")])
+    write(tmp_path / "solutions" / "07_solutions.ipynb", [
+        {"cell_type": "code", "metadata": {}, "execution_count": 1, "source": "x",
+         "outputs": [{"output_type": "stream", "name": "stdout", "text": "EM 0.420\n"}]}])
+    assert unsupported_figures(chapter) == ["markdown cell 0: 0.42"]

@@ -1,6 +1,5 @@
 """companion.records: JSON-lines files survive torn writes, glued lines and two writers."""
 
-import json
 import multiprocessing
 import time
 
