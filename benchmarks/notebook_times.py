@@ -33,13 +33,13 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for path in course_notebooks():
+        for path in course_notebooks() + sorted((REPO_ROOT / "notebooks" / "solutions").glob("*.ipynb")):
             meta = nbformat.read(path, as_version=4).metadata.get("course", {})
-            full = meta.get("seconds") if meta.get("mode") == "full" else None
+            full = meta.get("seconds") if meta.get("mode") == "full" and meta.get("completed", True) else None
             fast = None
             if not args.skip_fast:
                 fast = execute_notebook(path, fast=True, output=Path(tmp) / path.name)
-            rows.append((path.name, full, fast, meta.get("model", "?")))
+            rows.append((path.name, full, fast, meta.get("model", "?"), meta.get("threads", "?"), meta.get("load_before", "?")))
             print(f"{path.name}: full {full} s, fast {fast and round(fast, 1)} s", flush=True)
 
     def minutes(seconds):
@@ -47,16 +47,14 @@ def main() -> None:
 
     threads = os.cpu_count()
     lines = [
-        "| notebook | full mode (min) | fast mode (min) | model |",
-        "|---|---|---|---|",
-        *[f"| `{n}` | {minutes(f)} | {minutes(q)} | {m} |" for n, f, q, m in rows],
+        "| notebook | full mode (min) | threads, load at start | fast mode (min) | model |",
+        "|---|---|---|---|---|",
+        *[f"| `{n}` | {minutes(f)} | {t}, {load} | {minutes(q)} | {m} |" for n, f, q, m, t, load in rows],
         "",
-        f"Measured on a {threads}-core CPU. Full mode: the committed run of each notebook "
-        "(chapters 1-4 ran with `COURSE_THREADS=1` while other jobs shared the machine, so "
-        "an idle machine is faster). Fast mode: `python benchmarks/notebook_times.py`, with the "
-        "caches that earlier runs left (converted model, self-sampled answers, finished KV runs); "
-        "a first run on a clean machine takes longer (the whole `make test` took 6.9 min "
-        "including setup from a warm pip cache).",
+        f"Measured on a {threads}-core CPU. Full mode: the committed run of each notebook, with the torch "
+        "threads it used and the machine's load average when it started (a load above 0 means other "
+        "jobs shared the CPU, so an idle machine is faster). Fast mode: `python benchmarks/notebook_times.py`, "
+        "with the caches that earlier runs left (converted model, self-sampled answers, finished KV runs).",
     ]
     table = "\n".join(lines)
     print("\n" + table)

@@ -94,11 +94,14 @@ def execute_notebook(path: str | Path, *, fast: bool, output: str | Path | None 
         notebook, timeout=timeout, kernel_name="python3",
         resources={"metadata": {"path": str(path.parent)}},
     )
+    load_before = round(os.getloadavg()[0], 1)  # other work on the machine slows a timed run
     start = time.perf_counter()
+    completed = False
     # The kernel inherits this process's environment: that is how the mode reaches it.
     with _environment(COURSE_FAST="1" if fast else "0"):
         try:
             client.execute()
+            completed = True
         finally:
             seconds = time.perf_counter() - start
             tidy_streams(notebook)
@@ -107,6 +110,8 @@ def execute_notebook(path: str | Path, *, fast: bool, output: str | Path | None 
                 "seconds": round(seconds, 1),
                 "model": get_settings().model,
                 "threads": get_settings().threads,
+                "load_before": load_before,
+                "completed": completed,
             }
             nbformat.write(notebook, Path(output) if output else path)
     return seconds

@@ -1,6 +1,7 @@
 """companion.course: executing notebooks, tidy saved outputs, one-line errors."""
 
 import nbformat
+import pytest
 from nbformat.v4 import new_code_cell, new_notebook, new_output
 
 from companion import cli, course
@@ -30,6 +31,19 @@ def test_a_notebook_runs_in_the_mode_asked_and_records_it(tmp_path):
     notebook = nbformat.read(path, as_version=4)
     assert notebook.cells[0].outputs[0]["text"] == "fast\n"
     assert notebook.metadata["course"]["mode"] == "fast" and seconds > 0
+    assert notebook.metadata["course"]["completed"] is True and notebook.metadata["course"]["load_before"] >= 0
+
+
+def test_a_failed_run_is_written_and_marked_incomplete(tmp_path):
+    path = tmp_path / "fails.ipynb"
+    nbformat.write(new_notebook(cells=[new_code_cell("print('before')"), new_code_cell("assert False, 'claim'")],
+                                metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                         "language": "python"}}), path)
+    with pytest.raises(Exception, match="claim"):
+        course.execute_notebook(path, fast=True)
+    notebook = nbformat.read(path, as_version=4)
+    assert notebook.cells[0].outputs[0]["text"] == "before\n"
+    assert notebook.metadata["course"]["completed"] is False
 
 
 def test_fast_runs_name_the_fast_figures_folder(tmp_path, capsys):
