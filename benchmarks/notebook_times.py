@@ -4,7 +4,7 @@ Full-mode times are read from the committed notebooks (``python -m companion.cou
 records each run's seconds, mode and model in the notebook's metadata). Fast-mode times
 are measured now by executing each notebook in fast mode into a temporary folder
 (``--skip-fast`` leaves them out). The table is printed, written to
-``benchmarks/notebook_times.md`` and put between the markers in README.md.
+``benchmarks/notebook_times.md`` and put between the markers in README.md and notebooks/README.md.
 
     python benchmarks/notebook_times.py            # measure fast mode, update the table
     python benchmarks/notebook_times.py --skip-fast
@@ -39,7 +39,8 @@ def main() -> None:
             fast = None
             if not args.skip_fast:
                 fast = execute_notebook(path, fast=True, output=Path(tmp) / path.name)
-            rows.append((path.name, full, fast, meta.get("model", "?"), meta.get("threads", "?"), meta.get("load_before", "?")))
+            rows.append((path.name, full, fast, meta.get("model", "?"), meta.get("threads", "?"),
+                         f'{meta.get("load_before", "?")} / {meta.get("load_after", "?")}'))
             print(f"{path.name}: full {full} s, fast {fast and round(fast, 1)} s", flush=True)
 
     def minutes(seconds):
@@ -47,25 +48,25 @@ def main() -> None:
 
     threads = os.cpu_count()
     lines = [
-        "| notebook | full mode (min) | threads, load at start | fast mode (min) | model |",
+        "| notebook | full mode (min) | threads, load before / after | fast mode (min) | model |",
         "|---|---|---|---|---|",
         *[f"| `{n}` | {minutes(f)} | {t}, {load} | {minutes(q)} | {m} |" for n, f, q, m, t, load in rows],
         "",
         f"Measured on a {threads}-core CPU. Full mode: the committed run of each notebook, with the torch "
-        "threads it used and the machine's load average when it started (a load above 0 means other "
-        "jobs shared the CPU, so an idle machine is faster). Fast mode: `python benchmarks/notebook_times.py`, "
-        "with the caches that earlier runs left (converted model, self-sampled answers, finished KV runs).",
+        "threads it used and the machine's load average when it started and over its last 5 minutes "
+        "(a load above the threads used means other jobs shared the CPU, so an idle machine is faster). "
+        "Fast mode: `python benchmarks/notebook_times.py`, with the caches that earlier runs left (converted model, self-sampled answers, finished KV runs).",
     ]
     table = "\n".join(lines)
     print("\n" + table)
     (REPO_ROOT / "benchmarks" / "notebook_times.md").write_text(table + "\n")
-    readme = REPO_ROOT / "README.md"
-    text = readme.read_text()
-    if START in text and END in text:
-        text = re.sub(re.escape(START) + ".*?" + re.escape(END),
-                      lambda _: f"{START}\n{table}\n{END}", text, flags=re.S)
-        readme.write_text(text)
-        print("README.md table updated")
+    for readme in (REPO_ROOT / "README.md", REPO_ROOT / "notebooks" / "README.md"):
+        text = readme.read_text() if readme.exists() else ""
+        if START in text and END in text:
+            text = re.sub(re.escape(START) + ".*?" + re.escape(END),
+                          lambda _: f"{START}\n{table}\n{END}", text, flags=re.S)
+            readme.write_text(text)
+            print(f"{readme.relative_to(REPO_ROOT)}: table updated")
 
 
 if __name__ == "__main__":

@@ -111,6 +111,7 @@ def execute_notebook(path: str | Path, *, fast: bool, output: str | Path | None 
                 "model": get_settings().model,
                 "threads": get_settings().threads,
                 "load_before": load_before,
+                "load_after": round(os.getloadavg()[1], 1),  # 5-minute average: others' work during the run
                 "completed": completed,
             }
             nbformat.write(notebook, Path(output) if output else path)
