@@ -161,12 +161,29 @@ def quiet_loading():
             hf_logging.enable_progress_bar()
 
 
+@contextmanager
+def text_bar_for_gguf():
+    """transformers draws its GGUF conversion bar with ``tqdm.auto``, a widget in a notebook that
+    a saved file shows as ``0%``; during the conversion it draws the course's text bar instead."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from .progress import progress
+
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = lambda iterable=None, desc=None, **kwargs: progress(
+        iterable, desc=desc.rstrip(".") if desc else desc, **kwargs)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def convert_smollm2(target: Path | None = None) -> float:
     """Dequantise the embedded GGUF to fp32 safetensors in the cache; returns seconds taken."""
     target = Path(target or smollm2_cache_dir())
     gguf = smollm2_gguf_path()
     start = time.perf_counter()
-    with quiet_loading():
+    with quiet_loading(), text_bar_for_gguf():
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32
         )

@@ -98,3 +98,17 @@ def test_bad_local_paths_say_what_is_wrong(tmp_path):
     (broken / "config.json").write_text("{not json")
     with pytest.raises(ModelNotAvailableError, match="config.json is damaged"):
         load_lm(str(broken))
+
+
+def test_the_gguf_conversion_bar_is_a_text_bar_on_stdout(capsys):
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from companion.models import text_bar_for_gguf
+
+    original = gguf_utils.tqdm
+    with text_bar_for_gguf():
+        assert list(gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors...")) == [0, 1, 2]
+    assert gguf_utils.tqdm is original
+    captured = capsys.readouterr()
+    assert "Converting and de-quantizing GGUF tensors: 100%|" in captured.out and "3/3" in captured.out
+    assert captured.err == ""
