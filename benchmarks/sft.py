@@ -13,6 +13,8 @@ per training step. Self-samples and base answers come from the course cache (bui
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 from companion import cli, sft
 from companion.config import get_settings, seed_everything
@@ -45,6 +47,8 @@ def main(argv=None) -> int:
     parser.add_argument("--diverse", type=int, default=32, help="self-sampled answers in the cache")
     parser.add_argument("--recipes", type=recipe_list, default=recipe_list("plain,delia1,kl1"),
                         help=f"comma-separated, from {', '.join(RECIPES)}")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="also write the per-item scores and settings to this JSON file (notebook 03 reads it)")
     cli.add_debug_flag(parser)
     args = parser.parse_args(argv)
     if args.rows < 2 or args.eval_rows < 2:
@@ -85,6 +89,13 @@ def main(argv=None) -> int:
         print(f"{name:8s} {cells[0]:>22s} {cells[1]:>24s} {cells[2]:>26s} {seconds.get(name, 0.0):7.1f}")
     print(f"n: {summary['base']['task accuracy'].n} task rows, {len(base_answers)} KL queries, "
           f"{len(suite.texts)} texts")
+    if args.out is not None:
+        knobs = {k: v for k, v in vars(args).items() if k not in ("out", "debug")}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"model": settings.model, "threads": settings.threads, "seed": settings.seed,
+                                        "settings": knobs, "recipes": {n: list(RECIPES[n]) for n in args.recipes},
+                                        "seconds_per_step": seconds, "scores": results}, indent=1) + "\n")
+        print(f"per-item scores written to {args.out}")
     return 0
 
 

@@ -191,3 +191,14 @@ def test_evaluate_scores_every_measure_per_item_on_a_tiny_model():
         "task accuracy": 12, "KL to base": 2, "text CE": 1, "QA": 3, "JSON on plain questions": 3,
         "format valid": 2, "CE increase": 1}
     assert base["CE increase"] == [0.0] and base["format valid"] == [0.0, 0.0]
+
+
+def test_how_a_step_is_split_into_micro_batches_does_not_change_training():
+    """Rows are sorted by length and cut into micro-batches; the step's loss is the same sum either way."""
+    model, tokenizer = chat_model("tiny-llama")
+    task = sft.judging_task(QA_ROWS)
+    runs = [sft.train_recipe(model, tokenizer, task, cache_rows(6), ratio=1, steps=3, batch_size=4, micro_batch=size,
+                             lr=0.01, progress=False) for size in (1, 3, 16)]
+    for run in runs[1:]:
+        assert run.losses == pytest.approx(runs[0].losses, rel=1e-4)
+    assert runs[0].losses[-1] < runs[0].losses[0]

@@ -157,7 +157,8 @@ def train_recipe(model, tokenizer, task_rows: Sequence[Mapping], diverse_rows: S
         total = sum(sum(t != -100 for t in labels[1:]) for (_, labels), _, _ in parts)
         task_sum, task_count = 0.0, 0
         for kind in ("task", "diverse"):
-            chunk = [p for p in parts if p[2] == (kind == "task")]
+            # Rows of similar length share a micro-batch (less padding; the step's loss is the same sum).
+            chunk = sorted((p for p in parts if p[2] == (kind == "task")), key=lambda p: len(p[0][0]))
             for begin in range(0, len(chunk), micro_batch):
                 micro = chunk[begin:begin + micro_batch]
                 ids, labels, mask = _pad([p[0] for p in micro], pad_id)
