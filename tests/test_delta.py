@@ -116,6 +116,58 @@ def test_lora_learns_the_pairs(name):
     for answer, (_, target) in zip(answers, PAIRS):
         assert answer.startswith(target.split()[0]), (answer, target)
 
+@pytest.mark.parametrize("name", ARCHS)
+def test_train_equals_the_plain_peft_recipe(name):
+    """delta.attach + delta.train are LoraConfig + get_peft_model + an AdamW loop on right-padded
+    batches with the prompt labelled -100, drawn from a seeded shuffle (chapter 1's "open the box")."""
+    import random
+
+    from peft import LoraConfig, get_peft_model
+
+    steps, batch_size, lr, seed = 2, 2, 1e-2, 3
+    base, tokenizer = load_lm(name)
+    torch.manual_seed(seed)
+    plain = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.0,
+                                            target_modules=arch.lora_target_modules(base)))
+    optimizer = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=lr)
+    rng = random.Random(seed)  # delta.train shuffles the pairs with it, again at each new pass
+    first, second = list(range(len(PAIRS))), list(range(len(PAIRS)))
+    rng.shuffle(first)
+    rng.shuffle(second)
+    order = first + second
+    plain.train()
+    torch.manual_seed(seed)
+    plain_losses = []
+    for step in range(steps):
+        rows = [PAIRS[i] for i in order[step * batch_size:(step + 1) * batch_size]]
+        ids, labels = [], []
+        for prompt, answer in rows:
+            prompt_ids = tokenizer(prompt)["input_ids"]
+            answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            ids.append(prompt_ids + answer_ids)
+            labels.append([-100] * len(prompt_ids) + answer_ids)
+        width = max(map(len, ids))
+        batch = {
+            "input_ids": torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in ids]),
+            "attention_mask": torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids]),
+            "labels": torch.tensor([row + [-100] * (width - len(row)) for row in labels]),
+        }
+        loss = plain(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        plain_losses.append(loss.item())
+
+    package_base, _ = load_lm(name)
+    torch.manual_seed(seed)
+    package = delta.attach(package_base, "lora")
+    package_losses = delta.train(package, tokenizer, PAIRS, num_steps=steps, lr=lr, batch_size=batch_size,
+                                 max_length=64, seed=seed)
+    assert package_losses == plain_losses
+    ours = {k: v for k, v in plain.state_dict().items() if "lora_" in k}
+    theirs = {k: v for k, v in package.state_dict().items() if "lora_" in k}
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
 
 @pytest.mark.parametrize("name", ARCHS)
 @pytest.mark.parametrize("method", ["lora", "prompt_tuning"])
